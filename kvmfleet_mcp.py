@@ -1,0 +1,1036 @@
+#!/usr/bin/env python3
+"""kvmfleet-mcp: a Model Context Protocol server for a KVM Fleet estate.
+
+It lets an MCP client (Claude Desktop, Claude Code, Cursor, VS Code, ...)
+read and, when allowed, act on IP-KVM/BMC devices, the audit log, access
+grants, console sessions, alerts, policies, ISOs and compliance reports
+through the KVM Fleet REST API. One file; needs `requests` and `jsonschema`.
+
+Launch (from a client config, or by hand):
+
+    python3 /opt/kvmfleet/kvmfleet_mcp.py            # serve MCP on stdio
+    python3 kvmfleet_mcp.py --check | --list-tools | --version
+
+Environment:
+    KVMFLEET_API                base URL, e.g. https://app.kvmfleet.io (required)
+    KVMFLEET_TOKEN              API token, kvmf_... (required)
+    KVMFLEET_MCP_ALLOW_WRITES   exactly "true" to offer the 10 write tools
+    KVMFLEET_CA_BUNDLE          PEM file of a private CA for the API's TLS
+    KVMFLEET_CONNECT_TIMEOUT    seconds to connect (default 5)
+    KVMFLEET_READ_TIMEOUT       seconds to wait for an answer (default 30)
+    HTTPS_PROXY, NO_PROXY       honoured if the client config passes them
+
+Stdio contract: newline-delimited JSON-RPC 2.0 in UTF-8, read from stdin
+and written to stdout as bytes. Stdout carries protocol messages only;
+logs go to stderr. Both protocol eras are served: the `initialize`
+handshake (2024-11-05 ... 2025-11-25) and stateless 2026-07-28 requests
+that carry their version in `_meta`. EOF on stdin or SIGTERM exits 0.
+
+SECURITY: the server holds a token that can power-cycle production hosts,
+so it trusts neither the model nor the data it reads. Write tools are not
+even advertised unless KVMFLEET_MCP_ALLOW_WRITES is exactly "true";
+destructive calls also need `confirm: true`, which is never sent on. Every
+argument is checked against its schema, and ids are percent-quoted so that
+they cannot leave their path segment. The token goes only to KVMFLEET_API:
+redirects are not followed, TLS is always verified, plain http is refused
+unless the host is loopback, and the environment's netrc and CA overrides
+are ignored. The token is never written to stdout, stderr or a result.
+The platform still enforces RBAC, policy, JIT, 4-eyes and its audit log;
+its refusals reach the model verbatim. There is no eval, no subprocess,
+no file written, and nothing listens on a port.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+from typing import Callable
+from typing import Dict
+from typing import Final
+from typing import IO
+from typing import List
+from typing import NamedTuple
+from typing import Optional
+from typing import Tuple
+from typing import Union
+from urllib.parse import quote
+from urllib.parse import urlsplit
+
+# requests and jsonschema are imported on first use (Platform._session,
+# _validator): answering initialize and tools/list needs neither, and
+# together they cost more start-up time than everything else here.
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+SERVER_NAME: Final = "kvmfleet-mcp"
+# Versions that use the initialize handshake, oldest first.
+LEGACY_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+# Versions served statelessly, with the version in every request's _meta.
+MODERN_VERSIONS: Final = ("2026-07-28",)
+# What an initialize that asks for a version we do not know gets.
+NEWEST_LEGACY: Final = LEGACY_VERSIONS[-1]
+# JSON-RPC batches exist only in this revision (added, then removed after).
+BATCH_VERSION: Final = "2025-03-26"
+# What server/discover and -32022 name: every version, newest first.
+SUPPORTED_VERSIONS: Final = MODERN_VERSIONS + LEGACY_VERSIONS[::-1]
+
+META_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
+META_CLIENT: Final = "io.modelcontextprotocol/clientInfo"
+META_CAPABILITIES: Final = "io.modelcontextprotocol/clientCapabilities"
+META_SERVER: Final = "io.modelcontextprotocol/serverInfo"
+
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+UNSUPPORTED_VERSION: Final = -32022
+
+# Security: a line longer than this is discarded unread (answered with
+# -32600), so a client cannot make the server buffer without bound.
+MAX_LINE_BYTES: Final = 8 * 1024 * 1024
+# Security: a platform answer larger than this is not read to the end.
+MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+# How much of a platform error body the model sees (it is verbatim up to here).
+MAX_ERROR_TEXT: Final = 4000
+# Tool lists never change within a process; say so to 2026 clients' caches.
+LIST_TTL_MS: Final = 3_600_000
+
+# Ids are opaque to us, but the platform's are plain tokens. Starting with
+# a letter or digit rules out "." and ".." (which URL libraries collapse).
+ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._~:@-]{0,127}$"
+RFC3339_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+ALWAYS: Final = "always"  # Tool.confirm value: every call needs confirm
+
+JSON = Dict[str, Any]
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class McpError(Exception):
+    """Base class of every error this module raises on purpose."""
+
+
+class ConfigError(McpError):
+    """The environment does not let the server start; exit status 2."""
+
+
+class ProtocolError(McpError):
+    """A request the server rejects with a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.data = data
+
+
+class ToolError(McpError):
+    """A tool call that failed in a way the model can read and act on."""
+
+
+###############################################################################
+# The tool table ##############################################################
+###############################################################################
+
+
+class Tool(NamedTuple):
+    """One MCP tool, mapped onto one REST call."""
+
+    name: str
+    title: str
+    description: str
+    method: str  # GET or POST
+    path: str  # template; each {placeholder} is a required argument
+    properties: JSON  # JSON Schema of each argument, in wire order
+    required: Tuple[str, ...] = ()
+    read_only: bool = True
+    destructive: bool = False
+    idempotent: bool = True
+    # False for every row: the tools reach one closed domain, the org's fleet.
+    open_world: bool = False
+    # None: never. ALWAYS: every call. (arg, values): when arg is one of values.
+    confirm: Union[None, str, Tuple[str, Tuple[str, ...]]] = None
+    effect: str = ""  # what a confirm-gated call does, formatted with its args
+    fixed_query: Tuple[Tuple[str, str], ...] = ()
+    defaults: Tuple[Tuple[str, Callable[[], str]], ...] = ()
+
+    @property
+    def write(self) -> bool:
+        """Write tools are advertised only when writes are enabled."""
+        return not self.read_only
+
+
+def _id(what: str) -> JSON:
+    return {"type": "string", "pattern": ID_PATTERN, "description": what}
+
+
+def _text(what: str, max_length: int = 1000) -> JSON:
+    return {"type": "string", "minLength": 1, "maxLength": max_length, "description": what}
+
+
+def _enum(what: str, *values: str) -> JSON:
+    return {"type": "string", "enum": list(values), "description": what}
+
+
+def _current_month() -> str:
+    return time.strftime("%Y-%m", time.gmtime())
+
+
+DEVICE_ID: Final = _id("Device id (the `id` field from list_devices, not its name).")
+LIMIT: Final = {"type": "integer", "minimum": 1, "maximum": 500, "description": "Items per page, 1-500."}
+CURSOR: Final = {"type": "string", "minLength": 1, "maxLength": 1024,
+                 "description": "`next_cursor` from the previous page."}
+SINCE: Final = {"type": "string", "pattern": RFC3339_PATTERN,
+                "description": "Only items at or after this RFC 3339 time, e.g. 2026-11-23T08:00:00Z."}
+UNTIL: Final = {"type": "string", "pattern": RFC3339_PATTERN,
+                "description": "Only items before this RFC 3339 time."}
+CONFIRM: Final = {"type": "boolean",
+                  "description": "true only after the user has approved this exact action."}
+PAGE: Final = {"limit": LIMIT, "cursor": CURSOR}
+
+# The whole contract with the platform is in this tuple: the endpoints and
+# argument names follow the vendor's table; where it is silent (pagination,
+# filters, bodies) the assumption is written here and nowhere else.
+TOOLS: Final = (
+    Tool("list_devices", "List devices",
+         "List the fleet's IP-KVM/BMC devices with status and power state. Reads only.",
+         "GET", "/v1/devices",
+         {"status": _enum("Only devices in this state.", "online", "offline"),
+          "q": _text("Search in device name or host.", 256),
+          "tag": _text("Only devices with this tag.", 128), **PAGE}),
+    Tool("get_device_health", "Get device health",
+         "Get one device with its health: temperatures, fans, PSUs, firmware, uptime. Reads only.",
+         "GET", "/v1/devices/{device_id}", {"device_id": DEVICE_ID}, ("device_id",)),
+    Tool("query_audit_log", "Query audit log",
+         "Search the hash-chained audit log (logins, power actions, approvals), newest first. Reads only.",
+         "GET", "/v1/audit/events",
+         {"since": SINCE, "until": UNTIL,
+          "actor": _text("Only events by this user.", 256),
+          "action": _text("Only this action, e.g. auth.login or device.power.", 128),
+          "outcome": _enum("Only this outcome.", "success", "failure", "denied"),
+          "device_id": DEVICE_ID, **PAGE}),
+    Tool("verify_audit_integrity", "Verify audit integrity",
+         "Ask the platform to re-walk the audit hash chain and report whether it is intact. Reads only.",
+         "GET", "/v1/audit/integrity", {}),
+    Tool("list_open_console_sessions", "List open console sessions",
+         "List console sessions that are still open: who, on which device, since when. Reads only.",
+         "GET", "/v1/console-sessions",
+         {"device_id": DEVICE_ID, "user": _text("Only sessions of this user.", 256), **PAGE},
+         fixed_query=(("open_only", "true"),)),
+    Tool("list_access_grants", "List access grants",
+         "List just-in-time access requests and grants, e.g. those awaiting your approval. Reads only.",
+         "GET", "/v1/access-grants",
+         {"status": _enum("Only grants in this state.",
+                          "pending", "active", "expired", "denied", "revoked"),
+          "awaiting_my_approval": {"type": "boolean",
+                                   "description": "true: only requests you may approve."},
+          "device_id": DEVICE_ID, **PAGE}),
+    Tool("list_alerts", "List alerts",
+         "List alert history: firing, acknowledged and resolved alerts. Reads only.",
+         "GET", "/v1/alerts/history",
+         {"since": SINCE,
+          "status": _enum("Only alerts in this state.", "firing", "acknowledged", "resolved"),
+          "severity": _enum("Only this severity.", "critical", "warning", "info"),
+          "device_id": DEVICE_ID, **PAGE}),
+    Tool("list_policies", "List policies",
+         "List access policies (time of day, MFA, concurrent sessions, approval rules). Reads only.",
+         "GET", "/v1/policies", {}),
+    Tool("list_isos", "List ISOs",
+         "List the ISO images that can be mounted as virtual media. Reads only.",
+         "GET", "/v1/isos", {}),
+    Tool("get_audit_chain_head", "Get audit chain head",
+         "Get the audit chain's head hash and when it was last anchored to a witness. Reads only.",
+         "GET", "/v1/audit/head", {}),
+    Tool("get_compliance_score", "Get compliance score",
+         "Generate a compliance snapshot (score and controls) for one month. Changes nothing.",
+         "POST", "/v1/reports/{framework}",
+         {"framework": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$",
+                        "description": "Framework slug, e.g. nis2."},
+          "period": {"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$",
+                     "description": "Month as YYYY-MM; default the current month (UTC)."}},
+         ("framework",), idempotent=True, defaults=(("period", _current_month),)),
+    # Write tools: hidden unless KVMFLEET_MCP_ALLOW_WRITES is exactly "true".
+    Tool("power_action", "Power action",
+         "Power a device on, off, off_hard (cut power), cycle or reboot. "
+         "off, off_hard and cycle need confirm: true.",
+         "POST", "/v1/devices/{device_id}/power",
+         {"device_id": DEVICE_ID,
+          "action": _enum("What to do.", "on", "off", "off_hard", "cycle", "reboot"),
+          "confirm": CONFIRM},
+         ("device_id", "action"), read_only=False, destructive=True, idempotent=False,
+         confirm=("action", ("off", "off_hard", "cycle")),
+         effect="send power action '{action}' to device {device_id}, "
+                "interrupting everything running on it"),
+    Tool("request_access", "Request access",
+         "Ask for just-in-time access to a device; another person must approve it.",
+         "POST", "/v1/devices/{device_id}/access-requests",
+         {"device_id": DEVICE_ID, "reason": _text("Why access is needed."),
+          "duration_minutes": {"type": "integer", "minimum": 1, "maximum": 10080,
+                               "description": "How long the grant should last, in minutes."},
+          "ticket": _text("Change or incident ticket, e.g. CHG-4711.", 128)},
+         ("device_id", "reason", "duration_minutes"), read_only=False, idempotent=False),
+    Tool("approve_access", "Approve access",
+         "Approve a pending access request (4-eyes: not your own).",
+         "POST", "/v1/access-grants/{grant_id}:approve",
+         {"grant_id": _id("Access grant id."), "comment": _text("Note for the audit log.")},
+         ("grant_id",), read_only=False),
+    Tool("deny_access", "Deny access",
+         "Deny a pending access request.",
+         "POST", "/v1/access-grants/{grant_id}:deny",
+         {"grant_id": _id("Access grant id."), "reason": _text("Why it is denied.")},
+         ("grant_id",), read_only=False),
+    Tool("revoke_access", "Revoke access",
+         "Revoke an active access grant at once. Needs confirm: true.",
+         "POST", "/v1/access-grants/{grant_id}:revoke",
+         {"grant_id": _id("Access grant id."), "reason": _text("Why it is revoked."),
+          "confirm": CONFIRM},
+         ("grant_id",), read_only=False, destructive=True, confirm=ALWAYS,
+         effect="revoke access grant {grant_id} at once, cutting off its holder"),
+    Tool("mount_iso", "Mount ISO",
+         "Mount an ISO as virtual media on a device, which can change what it boots. "
+         "Needs confirm: true.",
+         "POST", "/v1/devices/{device_id}/iso:mount",
+         {"device_id": DEVICE_ID, "iso_id": _id("ISO id from list_isos."), "confirm": CONFIRM},
+         ("device_id", "iso_id"), read_only=False, destructive=True, confirm=ALWAYS,
+         effect="mount ISO {iso_id} on device {device_id}, replacing its virtual media"),
+    Tool("unmount_iso", "Unmount ISO",
+         "Unmount the virtual media from a device.",
+         "POST", "/v1/devices/{device_id}/iso:unmount", {"device_id": DEVICE_ID},
+         ("device_id",), read_only=False),
+    Tool("end_console_session", "End console session",
+         "End an open console session, disconnecting its user. Needs confirm: true.",
+         "POST", "/v1/console-sessions/{session_id}:end",
+         {"session_id": _id("Console session id."), "reason": _text("Why it is ended."),
+          "confirm": CONFIRM},
+         ("session_id",), read_only=False, destructive=True, confirm=ALWAYS,
+         effect="end console session {session_id}, disconnecting its user"),
+    Tool("acknowledge_alert", "Acknowledge alert",
+         "Acknowledge a firing alert.",
+         "POST", "/v1/alerts/history/{alert_id}/acknowledge",
+         {"alert_id": _id("Alert id."), "note": _text("Note for the alert.")},
+         ("alert_id",), read_only=False),
+    Tool("resolve_alert", "Resolve alert",
+         "Mark an alert resolved.",
+         "POST", "/v1/alerts/history/{alert_id}/resolve",
+         {"alert_id": _id("Alert id."), "note": _text("Note for the alert.")},
+         ("alert_id",), read_only=False),
+)
+TOOLS_BY_NAME: Final = {tool.name: tool for tool in TOOLS}
+
+###############################################################################
+# Pure helpers ################################################################
+###############################################################################
+
+
+def input_schema(tool: Tool) -> JSON:
+    """The JSON Schema of a tool's arguments (same meaning in draft 7 and 2020-12)."""
+    schema: JSON = {"type": "object", "properties": tool.properties, "additionalProperties": False}
+    if tool.required:
+        schema["required"] = list(tool.required)
+    return schema
+
+
+def tool_listing(tool: Tool) -> JSON:
+    """A tool as tools/list shows it, with all four annotation hints written out."""
+    return {
+        "name": tool.name,
+        "description": tool.description,
+        "inputSchema": input_schema(tool),
+        "annotations": {
+            "title": tool.title,
+            "readOnlyHint": tool.read_only,
+            "destructiveHint": tool.destructive,
+            "idempotentHint": tool.idempotent,
+            "openWorldHint": tool.open_world,
+        },
+    }
+
+
+def advertised_tools(allow_writes: bool) -> Tuple[Tool, ...]:
+    """The tools this process offers, in table order."""
+    return tuple(tool for tool in TOOLS if allow_writes or not tool.write)
+
+
+def needs_confirm(tool: Tool, args: JSON) -> bool:
+    """Whether this call changes something the user must approve first."""
+    if isinstance(tool.confirm, tuple):
+        arg, values = tool.confirm
+        return args.get(arg) in values
+    return tool.confirm == ALWAYS
+
+
+def build_path(template: str, args: JSON) -> str:
+    """Fill a path template, consuming the arguments it names."""
+    parts = template.split("{")
+    path = parts[0]
+    for part in parts[1:]:
+        name, rest = part.split("}", 1)
+        # Security: quote with no safe characters, so "/", "?", "#", "%",
+        # ":" and control characters in an id cannot leave its segment or
+        # turn "<id>:approve" into another verb.
+        path += quote(str(args.pop(name)), safe="") + rest
+    return path
+
+
+def query_value(value: Any) -> str:
+    """A query-string value: JSON booleans as true/false, numbers as digits."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    return str(value)
+
+
+def client_tag(client: Optional[JSON]) -> str:
+    """The x-kvmfleet-mcp-client header: this server and the MCP client."""
+    name = version = "unknown"
+    if isinstance(client, dict):
+        name = _header_safe(client.get("name")) or name
+        version = _header_safe(client.get("version")) or version
+    return "%s/%s (%s/%s)" % (SERVER_NAME, __version__, name, version)
+
+
+def _header_safe(value: Any) -> str:
+    # Security: clientInfo is whatever the client sent; keep printable
+    # ASCII only, so it cannot inject a header line or break the request.
+    if not isinstance(value, str):
+        return ""
+    return "".join(ch for ch in value[:64] if " " <= ch <= "~").strip()
+
+
+def bounded(text: str, limit: int) -> str:
+    """Text cut to limit characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + "\n[... %d more characters not shown]" % (len(text) - limit)
+
+
+def _escape_controls(text: str) -> str:
+    return "".join(
+        ch if (" " <= ch and ch != "\x7f" and not "\x80" <= ch <= "\x9f") else "\\x%02x" % ord(ch)
+        for ch in text
+    )
+
+
+def text_result(text: str, is_error: bool = False) -> JSON:
+    """A tools/call result with one text block."""
+    result: JSON = {"content": [{"type": "text", "text": text}]}
+    if is_error:
+        result["isError"] = True
+    return result
+
+
+def encode(message: Any) -> bytes:
+    """One JSON-RPC message as a compact UTF-8 line."""
+    try:
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError:
+        # A lone surrogate (legal in JSON text, not in UTF-8) came in, e.g.
+        # as an id: escape everything rather than fail the reply.
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def error_response(request_id: Any, code: int, message: str, data: Any = None) -> JSON:
+    """A JSON-RPC error response."""
+    error: JSON = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError("%s is not JSON" % name)
+
+
+def parse_line(line: bytes) -> Any:
+    """Decode one stdin line as strict UTF-8 JSON (no NaN, no UTF-16 guessing)."""
+    return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+
+
+_SECRETS: List[str] = []  # strings that must never reach a log line (the token)
+
+
+def log(message: str) -> None:
+    """One line on stderr, control characters escaped, secrets redacted."""
+    for secret in _SECRETS:
+        message = message.replace(secret, "[redacted]")
+    line = "%s: %s\n" % (SERVER_NAME, _escape_controls(message))
+    try:
+        sys.stderr.buffer.write(line.encode("utf-8", "backslashreplace"))
+        sys.stderr.buffer.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # no usable stderr: logging must never break the protocol
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+
+class Config(NamedTuple):
+    """Everything the server takes from its environment, read once."""
+
+    api: str
+    token: str
+    allow_writes: bool
+    ca_bundle: Optional[str]
+    connect_timeout: float
+    read_timeout: float
+
+    @classmethod
+    def from_env(cls, env: Dict[str, str]) -> Config:
+        """Read and check the environment; ConfigError says what to fix."""
+        api = env.get("KVMFLEET_API", "").strip().rstrip("/")
+        token = env.get("KVMFLEET_TOKEN", "").strip()
+        if not api:
+            raise ConfigError(
+                "KVMFLEET_API is not set. Put your KVM Fleet URL, e.g. https://app.kvmfleet.io, "
+                "in the env block of this server in your MCP client config.")
+        if not token:
+            raise ConfigError(
+                "KVMFLEET_TOKEN is not set. Create an API token (kvmf_...) in the KVM Fleet "
+                "web console (it is shown once) and put it in the env block of this server "
+                "in your MCP client config.")
+        _check_api_url(api)
+        ca_bundle = env.get("KVMFLEET_CA_BUNDLE") or None
+        if ca_bundle is not None and not os.path.isfile(ca_bundle):
+            raise ConfigError("KVMFLEET_CA_BUNDLE=%s is not a readable file." % ca_bundle)
+        return cls(
+            api=api,
+            token=token,
+            allow_writes=env.get("KVMFLEET_MCP_ALLOW_WRITES") == "true",
+            ca_bundle=ca_bundle,
+            connect_timeout=_seconds(env, "KVMFLEET_CONNECT_TIMEOUT", 5.0),
+            read_timeout=_seconds(env, "KVMFLEET_READ_TIMEOUT", 30.0),
+        )
+
+
+def _seconds(env: Dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 600:
+        raise ConfigError("%s=%s: give a number of seconds from 0 to 600." % (name, raw))
+    return value
+
+
+def _check_api_url(api: str) -> None:
+    parts = urlsplit(api)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError("KVMFLEET_API=%s: give an https:// URL such as https://app.kvmfleet.io." % api)
+    # Security: credentials in the URL would end up in logs and error text.
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError("KVMFLEET_API must be a plain base URL, without user, query or fragment.")
+    # Security: the token travels in a header, so plain http would expose
+    # it to the network; allowed only where the network is this machine.
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            "KVMFLEET_API=%s uses plain http to a host that is not loopback; "
+            "the token would cross the network unencrypted. Use https://." % api)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress  # only needed here, once
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+###############################################################################
+# The platform client: the only code that touches the network ##################
+###############################################################################
+
+
+class Reply(NamedTuple):
+    """What the platform answered to one call."""
+
+    status: int
+    reason: str
+    body: bytes
+    location: str  # the Location header of a redirect, else ""
+
+
+class Platform:
+    """Calls the KVM Fleet REST API with one requests.Session."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._requests: Any = None
+        self._http: Any = None
+
+    def _session(self) -> Any:
+        if self._http is None:
+            import requests  # deferred: see the note at the imports
+
+            session = requests.Session()
+            # Security: trust_env=False, so that ~/.netrc cannot replace our
+            # Authorization header and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
+            # cannot swap the CA. Proxies are still honoured: resolved once,
+            # for the one host we talk to, from HTTPS_PROXY / NO_PROXY.
+            session.trust_env = False
+            session.proxies = requests.utils.get_environ_proxies(self.config.api)
+            session.verify = self.config.ca_bundle or True
+            session.headers.update({
+                "Authorization": "Bearer " + self.config.token,
+                "Accept": "application/json",
+                "User-Agent": "%s/%s" % (SERVER_NAME, __version__),
+            })
+            self._requests, self._http = requests, session
+        return self._http
+
+    def call(self, method: str, path: str, query: Optional[List[Tuple[str, str]]] = None,
+             body: Optional[JSON] = None, client: str = "") -> Reply:
+        """Make one request; ToolError if the platform cannot be reached."""
+        session = self._session()
+        headers = {"x-kvmfleet-mcp-client": client or client_tag(None)}
+        data = None
+        if body is not None:
+            data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            # Security: allow_redirects=False: a 3xx is reported, never
+            # followed, so the token is sent to KVMFLEET_API and nowhere else.
+            response = session.request(
+                method, self.config.api + path, params=query, data=data, headers=headers,
+                timeout=(self.config.connect_timeout, self.config.read_timeout),
+                allow_redirects=False, stream=True)
+            try:
+                content = _read_bounded(response)
+            finally:
+                response.close()
+        except self._requests.RequestException as exc:
+            raise ToolError(_network_failure(self.config, method, path, exc)) from None
+        return Reply(response.status_code, response.reason or "",
+                     content, response.headers.get("Location", ""))
+
+
+def _read_bounded(response: Any) -> bytes:
+    chunks = []
+    size = 0
+    for chunk in response.iter_content(65536):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ToolError(
+                "KVM Fleet's answer is larger than %d MiB; it was not read to the end. "
+                "Ask for fewer items with limit." % (MAX_BODY_BYTES // (1024 * 1024)))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _network_failure(config: Config, method: str, path: str, exc: Exception) -> str:
+    import requests  # already loaded: only Platform raises what gets here
+
+    outcome = "It is not known whether KVM Fleet acted on it: check with a read tool before retrying."
+    if method == "GET":
+        outcome = "A read changes nothing; it is safe to retry."
+    kind = "could not connect to"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        kind = "timed out after %g s connecting to" % config.connect_timeout
+        outcome = "The request was not sent."
+    elif isinstance(exc, requests.exceptions.ReadTimeout):
+        kind = "got no answer within %g s from" % config.read_timeout
+    elif isinstance(exc, requests.exceptions.SSLError):
+        kind = "could not verify TLS (set KVMFLEET_CA_BUNDLE for a private CA) of"
+        outcome = "The request was not sent."
+    elif not isinstance(exc, requests.exceptions.ConnectionError):
+        kind = "failed talking to"
+    return "%s %s %s KVM Fleet at %s (%s: %s). %s" % (
+        method, path, kind, config.api, type(exc).__name__, bounded(str(exc), 300), outcome)
+
+
+def reply_result(method: str, path: str, reply: Reply, api: str) -> JSON:
+    """Turn the platform's answer into a tools/call result, errors verbatim."""
+    text = reply.body.decode("utf-8", "replace")
+    where = "%s %s" % (method, path)
+    if 300 <= reply.status < 400:
+        target = urlsplit(reply.location).netloc or reply.location or "(no Location header)"
+        return text_result(
+            "KVM Fleet answered %s with HTTP %d %s, a redirect to %s. It was not followed: "
+            "the token is only ever sent to %s. Check KVMFLEET_API."
+            % (where, reply.status, reply.reason, bounded(target, 200), api), True)
+    if reply.status >= 400 or reply.status < 200:
+        return text_result("KVM Fleet refused %s: HTTP %d %s\n%s" % (
+            where, reply.status, reply.reason, bounded(text, MAX_ERROR_TEXT)), True)
+    if not reply.body.strip():
+        return text_result('{"status":%d,"body":null}' % reply.status)
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return text_result("KVM Fleet answered %s with HTTP %d, but the body is not JSON:\n%s" % (
+            where, reply.status, bounded(text, MAX_ERROR_TEXT)), True)
+    return text_result(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+
+
+###############################################################################
+# Tool calls ##################################################################
+###############################################################################
+
+_VALIDATORS: Dict[str, Any] = {}
+
+
+def _validator(tool: Tool) -> Any:
+    validator = _VALIDATORS.get(tool.name)
+    if validator is None:
+        import jsonschema  # deferred: see the note at the imports
+
+        # 2020-12 where the installed jsonschema has it (4.x); distro 3.2
+        # has only draft 7, and our schemas mean the same under both.
+        cls = getattr(jsonschema, "Draft202012Validator", None) or jsonschema.Draft7Validator
+        validator = _VALIDATORS[tool.name] = cls(input_schema(tool))
+    return validator
+
+
+def check_arguments(tool: Tool, args: JSON) -> None:
+    """Raise ToolError, with the first problem in words, unless args fit the schema."""
+    import jsonschema.exceptions
+
+    error = jsonschema.exceptions.best_match(_validator(tool).iter_errors(args))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path)
+        raise ToolError("Invalid arguments for %s%s: %s. See the tool's inputSchema." % (
+            tool.name, " at " + where if where else "", bounded(error.message, 300)))
+
+
+def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
+    """Validate, gate and make the one REST call behind a tool."""
+    check_arguments(tool, args)
+    args = dict(args)
+    confirmed = args.pop("confirm", False) is True  # Security: never sent on
+    if needs_confirm(tool, args) and not confirmed:
+        # Security: nothing is sent until the call says confirm: true.
+        raise ToolError(
+            "Not done: %s would %s. Nothing was sent to KVM Fleet. Ask the user to approve "
+            "this exact action; if they do, call %s again with the same arguments and "
+            '"confirm": true.' % (tool.name, tool.effect.format(**args), tool.name))
+    for name, make in tool.defaults:
+        args.setdefault(name, make())
+    path = build_path(tool.path, args)
+    query = list(tool.fixed_query)
+    body = None
+    if tool.method == "GET":
+        query += [(name, query_value(args[name])) for name in tool.properties if name in args]
+    else:
+        body = args
+    started = time.monotonic()
+    reply = platform.call(tool.method, path, query or None, body, client)
+    log("%s %s %s -> HTTP %d in %.0f ms" % (
+        tool.name, tool.method, path, reply.status, (time.monotonic() - started) * 1000))
+    return reply_result(tool.method, path, reply, platform.config.api)
+
+
+###############################################################################
+# JSON-RPC dispatch ###########################################################
+###############################################################################
+
+
+class Server:
+    """The MCP protocol state machine: message in, message out."""
+
+    def __init__(self, config: Config, platform: Optional[Platform] = None) -> None:
+        self.config = config
+        self.platform = platform or Platform(config)
+        self.tools = advertised_tools(config.allow_writes)
+        self.tool_names = {tool.name for tool in self.tools}
+        self.legacy_version: Optional[str] = None  # set by initialize
+        self.client_info: Optional[JSON] = None
+        self._listing: Optional[List[JSON]] = None
+        self._methods: Dict[str, Callable[[JSON, Optional[str]], JSON]] = {
+            "initialize": self._initialize,
+            "ping": self._ping,
+            "server/discover": self._discover,
+            "tools/list": self._tools_list,
+            "tools/call": self._tools_call,
+        }
+
+    # -- framing ----------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> Optional[bytes]:
+        """One stdin line in, one stdout line (or nothing) out."""
+        try:
+            message = parse_line(line)
+        except RecursionError:
+            return encode(error_response(None, PARSE_ERROR, "Parse error: nested too deeply"))
+        except ValueError as exc:  # includes invalid UTF-8
+            return encode(error_response(None, PARSE_ERROR, "Parse error: %s" % bounded(str(exc), 200)))
+        if isinstance(message, list):
+            if self.legacy_version != BATCH_VERSION:
+                return encode(error_response(None, INVALID_REQUEST,
+                                             "Batches are only allowed under protocol %s" % BATCH_VERSION))
+            if not message:
+                return encode(error_response(None, INVALID_REQUEST, "Empty batch"))
+            replies = [reply for reply in map(self.handle, message) if reply is not None]
+            return encode(replies) if replies else None
+        reply = self.handle(message)
+        return None if reply is None else encode(reply)
+
+    def handle(self, message: Any) -> Optional[JSON]:
+        """One decoded message in; its response, or None for a notification."""
+        if not isinstance(message, dict):
+            return error_response(None, INVALID_REQUEST, "A message must be a JSON object")
+        if "id" not in message:
+            return None  # notifications (initialized, cancelled, ...) need nothing
+        request_id = message["id"]
+        # Ids are strings or integers; bool is an int in Python but not in JSON.
+        if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+            return error_response(None, INVALID_REQUEST, "id must be a string or an integer")
+        method = message.get("method")
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            if "method" not in message and ("result" in message or "error" in message):
+                return None  # a response from the client; we sent no request
+            return error_response(request_id, INVALID_REQUEST,
+                                  'Invalid request: need "jsonrpc": "2.0" and a string "method"')
+        params = message.get("params", {})
+        if not isinstance(params, dict):
+            return error_response(request_id, INVALID_PARAMS, "params must be an object")
+        try:
+            modern = self._era(method, params)
+            handler = self._methods.get(method)
+            if handler is None:
+                raise ProtocolError(METHOD_NOT_FOUND, "Method not found: %s" % bounded(method, 100))
+            result = handler(params, modern)
+            if modern is not None:
+                result["resultType"] = "complete"
+                result.setdefault("_meta", {})[META_SERVER] = self._server_info()
+            return {"jsonrpc": "2.0", "id": request_id, "result": result}
+        except ProtocolError as exc:
+            return error_response(request_id, exc.code, str(exc), exc.data)
+        except Exception:  # noqa: BLE001 - the one catch-all, at the boundary
+            log("internal error on %s:\n%s" % (bounded(method, 100), traceback.format_exc()))
+            return error_response(request_id, INTERNAL_ERROR, "Internal error (details on the server's stderr)")
+
+    def _era(self, method: str, params: JSON) -> Optional[str]:
+        """The request's modern protocol version, or None for the legacy session."""
+        if self.legacy_version is not None:
+            # An initialize selected the legacy era for the life of the process.
+            if method == "initialize":
+                raise ProtocolError(INVALID_REQUEST, "Already initialized")
+            return None
+        meta = params.get("_meta")
+        if method == "initialize" or not isinstance(meta, dict) or META_VERSION not in meta:
+            if method in ("initialize", "ping"):
+                return None
+            raise ProtocolError(INVALID_REQUEST, (
+                "Not initialized: send initialize first, or a %s request with _meta.%s"
+                % (MODERN_VERSIONS[-1], META_VERSION)))
+        version = meta[META_VERSION]
+        if version in LEGACY_VERSIONS:
+            raise ProtocolError(INVALID_REQUEST, "Protocol %s needs the initialize handshake first" % version)
+        if version not in MODERN_VERSIONS:
+            raise ProtocolError(UNSUPPORTED_VERSION, "Unsupported protocol version", {
+                "supported": list(SUPPORTED_VERSIONS),
+                "requested": version if isinstance(version, str) else bounded(repr(version), 100)})
+        if not isinstance(meta.get(META_CAPABILITIES), dict):
+            raise ProtocolError(INVALID_PARAMS, "_meta.%s is required" % META_CAPABILITIES)
+        return str(version)
+
+    # -- methods -------------------------------------------------------------
+
+    def _server_info(self) -> JSON:
+        return {"name": SERVER_NAME, "title": "KVM Fleet", "version": __version__}
+
+    def _initialize(self, params: JSON, modern: Optional[str]) -> JSON:
+        requested = params.get("protocolVersion")
+        if not isinstance(requested, str):
+            raise ProtocolError(INVALID_PARAMS, "initialize needs a string protocolVersion")
+        self.legacy_version = requested if requested in LEGACY_VERSIONS else NEWEST_LEGACY
+        client = params.get("clientInfo")
+        self.client_info = client if isinstance(client, dict) else None
+        return {
+            "protocolVersion": self.legacy_version,
+            "capabilities": {"tools": {"listChanged": False}},
+            "serverInfo": self._server_info(),
+        }
+
+    def _ping(self, params: JSON, modern: Optional[str]) -> JSON:
+        return {}
+
+    def _discover(self, params: JSON, modern: Optional[str]) -> JSON:
+        if modern is None:
+            raise ProtocolError(METHOD_NOT_FOUND, (
+                "server/discover is a %s method; this process was initialized with protocol %s"
+                % (MODERN_VERSIONS[-1], self.legacy_version)))
+        return {
+            "supportedVersions": list(SUPPORTED_VERSIONS),
+            "capabilities": {"tools": {}},
+            "ttlMs": LIST_TTL_MS,
+            "cacheScope": "private",
+        }
+
+    def _tools_list(self, params: JSON, modern: Optional[str]) -> JSON:
+        if params.get("cursor") is not None:
+            raise ProtocolError(INVALID_PARAMS, "Invalid cursor: this server lists every tool on one page")
+        if self._listing is None:
+            self._listing = [tool_listing(tool) for tool in self.tools]
+        result: JSON = {"tools": self._listing}
+        if modern is not None:
+            # The list depends on this deployment's write mode: private.
+            result.update(ttlMs=LIST_TTL_MS, cacheScope="private")
+        return result
+
+    def _tools_call(self, params: JSON, modern: Optional[str]) -> JSON:
+        name = params.get("name")
+        args = params.get("arguments", {})
+        if args is None:
+            args = {}
+        if not isinstance(name, str) or not isinstance(args, dict):
+            raise ProtocolError(INVALID_PARAMS, "tools/call needs a string name and an object of arguments")
+        # Security: a write tool that is not advertised is refused exactly
+        # like a tool that does not exist, before anything is sent.
+        if name not in self.tool_names:
+            raise ProtocolError(INVALID_PARAMS, "Unknown tool: %s" % bounded(name, 100))
+        client = self.client_info
+        if modern is not None:
+            client = params["_meta"].get(META_CLIENT)
+        try:
+            return call_tool(TOOLS_BY_NAME[name], args, self.platform, client_tag(client))
+        except ToolError as exc:
+            return text_result(str(exc), is_error=True)
+
+
+###############################################################################
+# The stdio loop: the only code that touches stdout ###########################
+###############################################################################
+
+
+def serve(server: Server, stdin: IO[bytes], stdout: IO[bytes]) -> int:
+    """Answer stdin line by line until EOF; the exit status."""
+    while True:
+        line = stdin.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return 0
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest, unread
+                line = stdin.readline(65536)
+            out: Optional[bytes] = encode(error_response(
+                None, INVALID_REQUEST, "Message longer than %d bytes; it was discarded" % MAX_LINE_BYTES))
+        elif not line.strip():
+            continue
+        else:
+            out = server.handle_line(line)
+        if out is not None:
+            stdout.write(out)
+            stdout.flush()
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _missing_dependency() -> Optional[str]:
+    from importlib.util import find_spec
+
+    for name, apt in (("requests", "python3-requests"), ("jsonschema", "python3-jsonschema")):
+        if find_spec(name) is None:
+            return ("the Python package %r is not installed for %s. Install it with "
+                    "'%s -m pip install %s' or 'apt install %s'." % (name, sys.executable, sys.executable, name, apt))
+    return None
+
+
+def _file_sha256() -> str:
+    import hashlib
+
+    with open(os.path.realpath(__file__), "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _print(text: str) -> None:
+    # CLI modes only (--version, --list-tools, --check): never while serving.
+    sys.stdout.write(text + "\n")
+
+
+def _confirm_rule(tool: Tool) -> str:
+    if isinstance(tool.confirm, tuple):
+        arg, values = tool.confirm
+        return "when %s is %s" % (arg, "|".join(values))
+    return "always" if tool.confirm == ALWAYS else "never"
+
+
+def _list_tools(allow_writes: bool) -> None:
+    for tool in advertised_tools(allow_writes):
+        gate = "write, confirm %s" % _confirm_rule(tool) if tool.write else "read"
+        _print("%-27s %-4s %-45s %s" % (tool.name, tool.method, tool.path, gate))
+    if not allow_writes:
+        hidden = sum(1 for tool in TOOLS if tool.write)
+        _print("(%d write tools hidden: KVMFLEET_MCP_ALLOW_WRITES is not exactly \"true\")" % hidden)
+
+
+def _check(config: Config) -> int:
+    started = time.monotonic()
+    try:
+        reply = Platform(config).call("GET", "/v1/devices", [("limit", "1")], None, client_tag({"name": "check"}))
+    except ToolError as exc:
+        _print("reachable: no\n%s" % exc)
+        return 1
+    _print("reachable: yes (%s answered HTTP %d in %.0f ms)" % (
+        config.api, reply.status, (time.monotonic() - started) * 1000))
+    result = reply_result("GET", "/v1/devices", reply, config.api)
+    _print("authenticated: " + ("no\n" + result["content"][0]["text"] if result.get("isError") else "yes"))
+    _print("write mode: " + ("on: %d write tools offered" % sum(1 for tool in TOOLS if tool.write)
+                             if config.allow_writes else
+                             "off (set KVMFLEET_MCP_ALLOW_WRITES=true to offer write tools)"))
+    return 1 if result.get("isError") else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: serve MCP on stdio, or run one of the CLI modes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=SERVER_NAME, description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="store_true", help="print version and this file's sha256")
+    parser.add_argument("--list-tools", action="store_true", help="print the tools this environment offers")
+    parser.add_argument("--check", action="store_true", help="make one authenticated read and report")
+    options = parser.parse_args(argv)
+    if options.version:
+        _print("%s %s sha256:%s %s" % (SERVER_NAME, __version__, _file_sha256(), os.path.realpath(__file__)))
+        return 0
+    if options.list_tools:
+        _list_tools(os.environ.get("KVMFLEET_MCP_ALLOW_WRITES") == "true")
+        return 0
+    try:
+        config = Config.from_env(dict(os.environ))
+    except ConfigError as exc:
+        log(str(exc))
+        return 2
+    _SECRETS.append(config.token)
+    missing = _missing_dependency()
+    if missing:
+        log(missing)
+        return 2
+    if options.check:
+        return _check(config)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return serve(Server(config), sys.stdin.buffer, sys.stdout.buffer)
+    except (BrokenPipeError, KeyboardInterrupt):
+        # The client went away: leave quietly, and keep Python's exit-time
+        # flush of stdout from complaining about the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
