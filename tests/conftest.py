@@ -1,0 +1,111 @@
+"""Shared fixtures: a config, an in-process server, the demo platform, the real process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import kvmfleet_mcp as kv  # noqa: E402
+from demo_platform import DemoPlatform  # noqa: E402
+
+SERVER = str(ROOT / "kvmfleet_mcp.py")
+API = "https://kvmfleet.test"
+# A canary: if this string shows up in anything the server writes, the token leaked.
+CANARY = "kvmf_CANARY_5f0c1e_do_not_print"
+INIT = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "pytest", "version": "1.0"}}
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientInfo": {"name": "pytest-modern", "version": "2.0"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def make_config(**overrides: Any) -> kv.Config:
+    env = {"KVMFLEET_API": API, "KVMFLEET_TOKEN": CANARY}
+    env.update(overrides)
+    return kv.Config.from_env(env)
+
+
+def make_server(writes: bool = False, initialize: Optional[str] = "2025-11-25") -> kv.Server:
+    config = make_config(KVMFLEET_MCP_ALLOW_WRITES="true" if writes else "")
+    server = kv.Server(config)
+    if initialize:
+        reply = server.handle({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                               "params": dict(INIT, protocolVersion=initialize)})
+        assert reply is not None and "result" in reply
+    return server
+
+
+def rpc(server: kv.Server, method: str, params: Optional[Dict[str, Any]] = None, id: Any = 1) -> Dict[str, Any]:
+    """Send one request through the dispatcher and return the decoded reply."""
+    message: Dict[str, Any] = {"jsonrpc": "2.0", "id": id, "method": method}
+    if params is not None:
+        message["params"] = params
+    out = server.handle_line(json.dumps(message).encode())
+    assert out is not None and out.endswith(b"\n") and out.count(b"\n") == 1
+    return json.loads(out)
+
+
+def call(server: kv.Server, name: str, **arguments: Any) -> Dict[str, Any]:
+    """tools/call through the dispatcher; returns the result object."""
+    reply = rpc(server, "tools/call", {"name": name, "arguments": arguments})
+    assert "result" in reply, reply
+    return reply["result"]
+
+
+def text_of(result: Dict[str, Any]) -> str:
+    assert [block["type"] for block in result["content"]] == ["text"]
+    return result["content"][0]["text"]
+
+
+@pytest.fixture(scope="session")
+def demo() -> Iterator[DemoPlatform]:
+    with DemoPlatform() as platform:
+        yield platform
+
+
+@pytest.fixture
+def platform(demo: DemoPlatform) -> DemoPlatform:
+    demo.reset()
+    return demo
+
+
+def server_env(api: str, token: str = CANARY, **extra: str) -> Dict[str, str]:
+    """The tiny environment MCP clients give a server, plus its env block."""
+    env = {key: os.environ[key] for key in ("HOME", "PATH", "USER", "SHELL", "TERM", "LOGNAME") if key in os.environ}
+    env.update(KVMFLEET_API=api, KVMFLEET_TOKEN=token, **extra)
+    return env
+
+
+def run_server(lines: List[bytes], env: Dict[str, str], args: Optional[List[str]] = None,
+               timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run the real process over stdio; asserts its token never shows in its output."""
+    proc = subprocess.run([sys.executable, SERVER] + (args or []), input=b"".join(lines),
+                          capture_output=True, env=env, timeout=timeout)
+    token = env.get("KVMFLEET_TOKEN", "").encode()
+    assert not token or token not in proc.stdout + proc.stderr
+    return proc
+
+
+def line(message: Any) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def replies(stdout: bytes) -> List[Dict[str, Any]]:
+    """Every stdout line, each of which must be one JSON-RPC 2.0 message."""
+    out = []
+    for raw in stdout.split(b"\n")[:-1]:
+        message = json.loads(raw)
+        assert message["jsonrpc"] == "2.0"
+        out.append(message)
+    assert stdout.endswith(b"\n") or not stdout
+    return out
