@@ -109,3 +109,15 @@ def replies(stdout: bytes) -> List[Dict[str, Any]]:
         out.append(message)
     assert stdout.endswith(b"\n") or not stdout
     return out
+
+
+STRICT = os.environ.get("KVMFLEET_TESTS_STRICT") == "1"
+
+
+def require(available: bool, what: str) -> None:
+    """Skip when an optional test tool is missing; under CI (KVMFLEET_TESTS_STRICT=1) fail instead."""
+    if available:
+        return
+    if STRICT:
+        pytest.fail("%s is required when KVMFLEET_TESTS_STRICT=1" % what)
+    pytest.skip("%s is not installed" % what, allow_module_level=True)

@@ -6,12 +6,14 @@ import sys
 import tempfile
 from typing import Any, Dict
 
-import anyio
+import importlib.util
+
 import pytest
 
-from conftest import SERVER, server_env
+from conftest import SERVER, require, server_env
 
-mcp = pytest.importorskip("mcp")
+require(importlib.util.find_spec("mcp") is not None, "the MCP Python SDK (pip install mcp==2.3.0)")
+import anyio  # noqa: E402
 from mcp import Client, StdioServerParameters  # noqa: E402
 from mcp.client.stdio import stdio_client  # noqa: E402
 

@@ -1,0 +1,40 @@
+"""The README tells the truth: its tool table, its env table and its quick start."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import kvmfleet_mcp as kv
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_tool_table_matches_the_tool_table():
+    rows = re.findall(r"^\| `(\w+)` \| `(GET|POST) ([^`]+)` \| ([^|]+) \|([^|]*)\|$", README, re.M)
+    assert [row[0] for row in rows] == [t.name for t in kv.TOOLS]
+    for (name, method, path, confirm, hints), tool in zip(rows, kv.TOOLS):
+        query = "&".join("%s=%s" % pair for pair in tool.fixed_query)
+        assert (method, path) == (tool.method, tool.path + ("?" + query if query else ""))
+        rule = kv._confirm_rule(tool).replace("|", ", ").replace(", cycle", " or cycle")
+        assert confirm.strip() == rule, name
+        expected = [letter for letter, on in (("R", tool.read_only), ("D", tool.destructive),
+                                              ("I", tool.idempotent)) if on]
+        assert hints.split() == expected, name
+
+
+def test_every_environment_variable_is_documented():
+    documented = set(re.findall(r"^\| `(KVMFLEET_\w+)`", README, re.M))
+    in_code = set(re.findall(r"\b(KVMFLEET_[A-Z_]+)\b", open(kv.__file__, encoding="utf-8").read()))
+    assert documented == in_code
+
+
+def test_the_quick_start_demo_runs_and_shows_the_platform_enforcing(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "demo.py")], capture_output=True, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.count("\n> ") == 13
+    assert '"status":"offline"' in out and '"framework":"nis2"' in out and '"ok":true' in out
+    assert "Not done: power_action would" in out and "jit_required" in out and "four_eyes" in out
+    assert '"status":"accepted"' in out and '"status":"acknowledged"' in out
