@@ -13,11 +13,14 @@ Launch (from a client config, or by hand):
 
 Environment:
     KVMFLEET_API                base URL, e.g. https://app.kvmfleet.io (required)
-    KVMFLEET_TOKEN              API token, kvmf_... (required)
+    KVMFLEET_TOKEN              API token, kvmf_... (this or the next is required)
+    KVMFLEET_TOKEN_FILE         file holding the token, read on every call
     KVMFLEET_MCP_ALLOW_WRITES   exactly "true" to offer the 10 write tools
     KVMFLEET_CA_BUNDLE          PEM file of a private CA for the API's TLS
     KVMFLEET_CONNECT_TIMEOUT    seconds to connect (default 5)
     KVMFLEET_READ_TIMEOUT       seconds to wait for an answer (default 30)
+    KVMFLEET_MCP_MAX_RESULT_CHARS  cap on a result's text (default 50000)
+    KVMFLEET_ALLOW_INSECURE_HTTP   exactly "true" to allow http:// off loopback
     HTTPS_PROXY, NO_PROXY       honoured if the client config passes them
 
 Stdio contract: newline-delimited JSON-RPC 2.0 in UTF-8, read from stdin
@@ -45,6 +48,7 @@ __version__ = "0.1.0"
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -101,6 +105,11 @@ MAX_LINE_BYTES: Final = 8 * 1024 * 1024
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 # How much of a platform error body the model sees (it is verbatim up to here).
 MAX_ERROR_TEXT: Final = 4000
+# Reads are tried again on these answers and on connection faults; writes never.
+RETRY_STATUSES: Final = (429, 502, 503, 504)
+READ_RETRIES: Final = 2
+RETRY_BACKOFF: Final = 0.25  # seconds, doubled each time, when no Retry-After
+RETRY_AFTER_CAP: Final = 10.0  # a longer Retry-After is passed on, not waited for
 # Tool lists never change within a process; say so to 2026 clients' caches.
 LIST_TTL_MS: Final = 3_600_000
 
@@ -111,6 +120,18 @@ RFC3339_PATTERN: Final = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
     r"(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
 )
+# Security: characters that are invisible or reorder text, so platform data
+# could hide instructions from the person reading what the model read:
+# C0/C1 controls (not tab or newline), soft hyphen, zero-width and
+# direction marks, bidi embeddings, overrides and isolates, word joiners,
+# Hangul and Mongolian fillers, BOM, interlinear annotations, the musical
+# formatting marks, and the Unicode tag characters (U+E0000 block).
+# Emoji variation selectors (U+FE0E, U+FE0F) are left alone.
+_HIDDEN: Final = ("\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5"
+                  "\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\uffa0"
+                  "\ufeff\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0000-\U000e0fff")
+HIDDEN_IN_TEXT: Final = re.compile("[" + _HIDDEN + "]")
+HIDDEN_IN_LOG: Final = re.compile("[\t\n" + _HIDDEN + "]")
 ALWAYS: Final = "always"  # Tool.confirm value: every call needs confirm
 
 JSON = Dict[str, Any]
@@ -416,16 +437,48 @@ def bounded(text: str, limit: int) -> str:
     return text[:limit] + "\n[... %d more characters not shown]" % (len(text) - limit)
 
 
-def _escape_controls(text: str) -> str:
-    return "".join(
-        ch if (" " <= ch and ch != "\x7f" and not "\x80" <= ch <= "\x9f") else "\\x%02x" % ord(ch)
-        for ch in text
-    )
+def _escape_hidden(match: Any) -> str:
+    code = ord(match.group())
+    if code > 0xFFFF:  # written as the JSON surrogate pair, e.g. \udb40\udc41
+        code -= 0x10000
+        return "\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+    return "\\u%04x" % code
+
+
+def visible(text: str) -> str:
+    """Text with hidden characters written as \\uXXXX, which JSON reads back as the same text."""
+    return HIDDEN_IN_TEXT.sub(_escape_hidden, text)
+
+
+def compact(data: Any) -> str:
+    """Compact JSON, non-ASCII kept as is, hidden characters made visible."""
+    return visible(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+
+
+def fit(data: Any, limit: int) -> str:
+    """Compact JSON within limit characters: a page of items is cut at a whole item, and says so."""
+    text = compact(data)
+    items = data.get("items") if isinstance(data, dict) else None
+    if len(text) <= limit or not isinstance(items, list):
+        return text if len(text) <= limit else text[:limit] + (
+            "\n[... cut here: %d more characters were not shown, so this is not valid JSON. "
+            "Ask for less, e.g. with limit.]" % (len(text) - limit))
+    sizes = [len(compact(item)) + 1 for item in items]
+    kept = len(items)
+    while kept:
+        note = {"items_shown": kept - 1, "items_left_out": len(items) - kept + 1,
+                "why": "the result was longer than %d characters" % limit,
+                "to_see_the_rest": "call again with the same filters and limit=%d, then follow "
+                                   "next_cursor" % max(kept - 1, 1)}
+        kept -= 1
+        if len(compact(dict(data, items=[], _truncated=note))) + sum(sizes[:kept]) <= limit:
+            return compact(dict(data, items=items[:kept], _truncated=note))
+    return text[:limit]  # not even an empty page fits: limit is absurdly small
 
 
 def text_result(text: str, is_error: bool = False) -> JSON:
     """A tools/call result with one text block."""
-    result: JSON = {"content": [{"type": "text", "text": text}]}
+    result: JSON = {"content": [{"type": "text", "text": visible(text)}]}
     if is_error:
         result["isError"] = True
     return result
@@ -465,7 +518,7 @@ def log(message: str) -> None:
     """One line on stderr, control characters escaped, secrets redacted."""
     for secret in _SECRETS:
         message = message.replace(secret, "[redacted]")
-    line = "%s: %s\n" % (SERVER_NAME, _escape_controls(message))
+    line = "%s: %s\n" % (SERVER_NAME, HIDDEN_IN_LOG.sub(_escape_hidden, message))
     try:
         sys.stderr.buffer.write(line.encode("utf-8", "backslashreplace"))
         sys.stderr.buffer.flush()
@@ -482,41 +535,73 @@ class Config(NamedTuple):
     """Everything the server takes from its environment, read once."""
 
     api: str
-    token: str
+    token: str  # "" when the token is read from token_file instead
+    token_file: Optional[str]
     allow_writes: bool
     ca_bundle: Optional[str]
     connect_timeout: float
     read_timeout: float
+    max_result_chars: int
 
     @classmethod
     def from_env(cls, env: Dict[str, str]) -> Config:
         """Read and check the environment; ConfigError says what to fix."""
         api = env.get("KVMFLEET_API", "").strip().rstrip("/")
         token = env.get("KVMFLEET_TOKEN", "").strip()
+        token_file = env.get("KVMFLEET_TOKEN_FILE", "").strip() or None
         if not api:
             raise ConfigError(
                 "KVMFLEET_API is not set. Put your KVM Fleet URL, e.g. https://app.kvmfleet.io, "
                 "in the env block of this server in your MCP client config.")
-        if not token:
+        if not token and not token_file:
             raise ConfigError(
                 "KVMFLEET_TOKEN is not set. Create an API token (kvmf_...) in the KVM Fleet "
                 "web console (it is shown once) and put it in the env block of this server "
-                "in your MCP client config.")
-        _check_api_url(api)
+                "in your MCP client config, or its path in KVMFLEET_TOKEN_FILE.")
+        if token and token_file:
+            raise ConfigError("Set KVMFLEET_TOKEN or KVMFLEET_TOKEN_FILE, not both.")
+        _check_api_url(api, env.get("KVMFLEET_ALLOW_INSECURE_HTTP") == "true")
         ca_bundle = env.get("KVMFLEET_CA_BUNDLE") or None
         if ca_bundle is not None and not os.path.isfile(ca_bundle):
             raise ConfigError("KVMFLEET_CA_BUNDLE=%s is not a readable file." % ca_bundle)
-        return cls(
+        config = cls(
             api=api,
             token=token,
+            token_file=token_file,
             allow_writes=env.get("KVMFLEET_MCP_ALLOW_WRITES") == "true",
             ca_bundle=ca_bundle,
-            connect_timeout=_seconds(env, "KVMFLEET_CONNECT_TIMEOUT", 5.0),
-            read_timeout=_seconds(env, "KVMFLEET_READ_TIMEOUT", 30.0),
+            connect_timeout=_number(env, "KVMFLEET_CONNECT_TIMEOUT", 5.0, 600),
+            read_timeout=_number(env, "KVMFLEET_READ_TIMEOUT", 30.0, 600),
+            max_result_chars=int(_number(env, "KVMFLEET_MCP_MAX_RESULT_CHARS", 50_000, 10_000_000, 1000)),
         )
+        if token_file:
+            try:
+                config.bearer()
+            except ToolError as exc:
+                raise ConfigError(str(exc)) from None
+            # Security: say so when others on this host can read the token.
+            if os.name == "posix" and os.stat(token_file).st_mode & 0o077:
+                log("warning: KVMFLEET_TOKEN_FILE=%s is readable by group or others; "
+                    "chmod 600 it." % token_file)
+        return config
+
+    def bearer(self) -> str:
+        """The token; a token file is read on every call, so rotating it needs no restart."""
+        if not self.token_file:
+            return self.token
+        try:
+            with open(self.token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ToolError("Could not read KVMFLEET_TOKEN_FILE=%s (%s)." % (self.token_file, type(exc).__name__))
+        if not token:
+            raise ToolError("KVMFLEET_TOKEN_FILE=%s is empty." % self.token_file)
+        if token not in _SECRETS:
+            _SECRETS.append(token)
+        return token
 
 
-def _seconds(env: Dict[str, str], name: str, default: float) -> float:
+def _number(env: Dict[str, str], name: str, default: float, most: float, least: float = 0) -> float:
     raw = env.get(name)
     if not raw:
         return default
@@ -524,12 +609,12 @@ def _seconds(env: Dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 < value <= 600:
-        raise ConfigError("%s=%s: give a number of seconds from 0 to 600." % (name, raw))
+    if not least < value <= most:
+        raise ConfigError("%s=%s: give a number above %g and at most %g." % (name, raw, least, most))
     return value
 
 
-def _check_api_url(api: str) -> None:
+def _check_api_url(api: str, allow_insecure_http: bool) -> None:
     parts = urlsplit(api)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError("KVMFLEET_API=%s: give an https:// URL such as https://app.kvmfleet.io." % api)
@@ -537,11 +622,15 @@ def _check_api_url(api: str) -> None:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ConfigError("KVMFLEET_API must be a plain base URL, without user, query or fragment.")
     # Security: the token travels in a header, so plain http would expose
-    # it to the network; allowed only where the network is this machine.
+    # it to the network; allowed only where the network is this machine,
+    # or where the operator opts in knowingly (and is warned on every start).
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ConfigError(
-            "KVMFLEET_API=%s uses plain http to a host that is not loopback; "
-            "the token would cross the network unencrypted. Use https://." % api)
+        if not allow_insecure_http:
+            raise ConfigError(
+                "KVMFLEET_API=%s uses plain http to a host that is not loopback; the token would "
+                "cross the network unencrypted. Use https:// (or, knowingly, set "
+                "KVMFLEET_ALLOW_INSECURE_HTTP=true)." % api)
+        log("warning: KVMFLEET_ALLOW_INSECURE_HTTP=true: the token is sent unencrypted to %s." % api)
 
 
 def _is_loopback(host: str) -> bool:
@@ -567,6 +656,8 @@ class Reply(NamedTuple):
     reason: str
     body: bytes
     location: str  # the Location header of a redirect, else ""
+    retries: int = 0  # how many times a read was tried again before this answer
+    idempotency_key: str = ""  # what a write sent, so a person can find it
 
 
 class Platform:
@@ -574,7 +665,6 @@ class Platform:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._requests: Any = None
         self._http: Any = None
 
     def _session(self) -> Any:
@@ -589,49 +679,87 @@ class Platform:
             session.trust_env = False
             session.proxies = requests.utils.get_environ_proxies(self.config.api)
             session.verify = self.config.ca_bundle or True
-            session.headers.update({
-                "Authorization": "Bearer " + self.config.token,
-                "Accept": "application/json",
-                "User-Agent": "%s/%s" % (SERVER_NAME, __version__),
-            })
-            self._requests, self._http = requests, session
+            session.headers.update({"Accept": "application/json",
+                                    "User-Agent": "%s/%s" % (SERVER_NAME, __version__)})
+            self._http = session
         return self._http
 
     def call(self, method: str, path: str, query: Optional[List[Tuple[str, str]]] = None,
-             body: Optional[JSON] = None, client: str = "") -> Reply:
-        """Make one request; ToolError if the platform cannot be reached."""
-        session = self._session()
-        headers = {"x-kvmfleet-mcp-client": client or client_tag(None)}
+             body: Optional[JSON] = None, client: str = "", write: bool = False) -> Reply:
+        """Make one call, trying a read again on a passing fault; ToolError if unreachable."""
+        import requests  # loaded by _session(); this only binds the name
+
+        headers = {"Authorization": "Bearer " + self.config.bearer(),
+                   "x-kvmfleet-mcp-client": client or client_tag(None)}
         data = None
         if body is not None:
             data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
-        try:
-            # Security: allow_redirects=False: a 3xx is reported, never
-            # followed, so the token is sent to KVMFLEET_API and nowhere else.
-            response = session.request(
-                method, self.config.api + path, params=query, data=data, headers=headers,
-                timeout=(self.config.connect_timeout, self.config.read_timeout),
-                allow_redirects=False, stream=True)
+        if write:
+            # Security: a write is sent once, never retried; the key lets
+            # the platform drop a duplicate and a person find the audit row.
+            headers["Idempotency-Key"] = os.urandom(16).hex()
+        session = self._session()
+        for attempt in range(1 if write else 1 + READ_RETRIES):
             try:
-                content = _read_bounded(response)
-            finally:
-                response.close()
-        except self._requests.RequestException as exc:
-            raise ToolError(_network_failure(self.config, method, path, exc)) from None
-        return Reply(response.status_code, response.reason or "",
-                     content, response.headers.get("Location", ""))
+                # Security: allow_redirects=False: a 3xx is reported, never
+                # followed, so the token goes to KVMFLEET_API and nowhere else.
+                response = session.request(
+                    method, self.config.api + path, params=query, data=data, headers=headers,
+                    timeout=(self.config.connect_timeout, self.config.read_timeout),
+                    allow_redirects=False, stream=True)
+                with response:
+                    content = _read_bounded(response, self.config.read_timeout)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                if write or attempt == READ_RETRIES or isinstance(exc, requests.exceptions.SSLError):
+                    raise ToolError(_network_failure(self.config, method, path, exc)) from None
+                time.sleep(RETRY_BACKOFF * (1 << attempt))
+                continue
+            except requests.RequestException as exc:
+                raise ToolError(_network_failure(self.config, method, path, exc)) from None
+            wait = _retry_delay(response, attempt)
+            if write or attempt == READ_RETRIES or wait is None:
+                return Reply(response.status_code, response.reason or "", content,
+                             response.headers.get("Location", ""), attempt,
+                             headers.get("Idempotency-Key", ""))
+            time.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _read_bounded(response: Any) -> bytes:
+def _retry_delay(response: Any, attempt: int) -> Optional[float]:
+    """Seconds to wait before trying a read again, or None to answer now."""
+    if response.status_code not in RETRY_STATUSES:
+        return None
+    retry_after = response.headers.get("Retry-After", "")
+    if not retry_after:
+        return RETRY_BACKOFF * (1 << attempt)
+    try:
+        wait = float(retry_after)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            wait = parsedate_to_datetime(retry_after).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    # A platform that asks for a longer wait gets its answer passed on instead.
+    return max(wait, 0.0) if wait <= RETRY_AFTER_CAP else None
+
+
+def _read_bounded(response: Any, seconds: float) -> bytes:
+    deadline = time.monotonic() + seconds
     chunks = []
     size = 0
     for chunk in response.iter_content(65536):
         size += len(chunk)
+        # Security: a huge or endless answer is not read to the end.
         if size > MAX_BODY_BYTES:
             raise ToolError(
                 "KVM Fleet's answer is larger than %d MiB; it was not read to the end. "
                 "Ask for fewer items with limit." % (MAX_BODY_BYTES // (1024 * 1024)))
+        # Security: neither is a trickle that keeps each read under the timeout.
+        if time.monotonic() > deadline:
+            raise ToolError("KVM Fleet's answer did not arrive in full within %g s." % seconds)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -657,7 +785,7 @@ def _network_failure(config: Config, method: str, path: str, exc: Exception) -> 
         method, path, kind, config.api, type(exc).__name__, bounded(str(exc), 300), outcome)
 
 
-def reply_result(method: str, path: str, reply: Reply, api: str) -> JSON:
+def reply_result(method: str, path: str, reply: Reply, config: Config) -> JSON:
     """Turn the platform's answer into a tools/call result, errors verbatim."""
     text = reply.body.decode("utf-8", "replace")
     where = "%s %s" % (method, path)
@@ -666,10 +794,11 @@ def reply_result(method: str, path: str, reply: Reply, api: str) -> JSON:
         return text_result(
             "KVM Fleet answered %s with HTTP %d %s, a redirect to %s. It was not followed: "
             "the token is only ever sent to %s. Check KVMFLEET_API."
-            % (where, reply.status, reply.reason, bounded(target, 200), api), True)
+            % (where, reply.status, reply.reason, bounded(target, 200), config.api), True)
     if reply.status >= 400 or reply.status < 200:
-        return text_result("KVM Fleet refused %s: HTTP %d %s\n%s" % (
-            where, reply.status, reply.reason, bounded(text, MAX_ERROR_TEXT)), True)
+        tries = " (tried %d times)" % (reply.retries + 1) if reply.retries else ""
+        return text_result("KVM Fleet refused %s: HTTP %d %s%s\n%s" % (
+            where, reply.status, reply.reason, tries, bounded(text, MAX_ERROR_TEXT)), True)
     if not reply.body.strip():
         return text_result('{"status":%d,"body":null}' % reply.status)
     try:
@@ -677,7 +806,7 @@ def reply_result(method: str, path: str, reply: Reply, api: str) -> JSON:
     except (ValueError, RecursionError):
         return text_result("KVM Fleet answered %s with HTTP %d, but the body is not JSON:\n%s" % (
             where, reply.status, bounded(text, MAX_ERROR_TEXT)), True)
-    return text_result(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+    return text_result(fit(data, config.max_result_chars))
 
 
 ###############################################################################
@@ -731,10 +860,10 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
     else:
         body = args
     started = time.monotonic()
-    reply = platform.call(tool.method, path, query or None, body, client)
+    reply = platform.call(tool.method, path, query or None, body, client, tool.write)
     log("%s %s %s -> HTTP %d in %.0f ms" % (
         tool.name, tool.method, path, reply.status, (time.monotonic() - started) * 1000))
-    return reply_result(tool.method, path, reply, platform.config.api)
+    return reply_result(tool.method, path, reply, platform.config)
 
 
 ###############################################################################
@@ -987,7 +1116,7 @@ def _check(config: Config) -> int:
         return 1
     _print("reachable: yes (%s answered HTTP %d in %.0f ms)" % (
         config.api, reply.status, (time.monotonic() - started) * 1000))
-    result = reply_result("GET", "/v1/devices", reply, config.api)
+    result = reply_result("GET", "/v1/devices", reply, config)
     _print("authenticated: " + ("no\n" + result["content"][0]["text"] if result.get("isError") else "yes"))
     _print("write mode: " + ("on: %d write tools offered" % sum(1 for tool in TOOLS if tool.write)
                              if config.allow_writes else
