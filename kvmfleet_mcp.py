@@ -478,7 +478,7 @@ def fit(data: Any, limit: int) -> str:
 
 def text_result(text: str, is_error: bool = False) -> JSON:
     """A tools/call result with one text block."""
-    result: JSON = {"content": [{"type": "text", "text": visible(text)}]}
+    result: JSON = {"content": [{"type": "text", "text": visible(redact(text))}]}
     if is_error:
         result["isError"] = True
     return result
@@ -511,14 +511,28 @@ def parse_line(line: bytes) -> Any:
     return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
 
 
-_SECRETS: List[str] = []  # strings that must never reach a log line (the token)
+_SECRETS: List[str] = []  # every token seen: never in a log line or a result
+
+
+def _keep_secret(secret: str) -> None:
+    # A string this short is no real token (they are kvmf_ and 40-odd
+    # characters); redacting it would mangle ordinary words instead.
+    if len(secret) >= 8 and secret not in _SECRETS:
+        _SECRETS.append(secret)
+
+
+def redact(text: str) -> str:
+    """Text with every token this process has seen replaced by [redacted]."""
+    # Security: a proxy or a debug page may echo the Authorization header
+    # back; the token must not reach the model or the logs that way either.
+    for secret in _SECRETS:
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def log(message: str) -> None:
     """One line on stderr, control characters escaped, secrets redacted."""
-    for secret in _SECRETS:
-        message = message.replace(secret, "[redacted]")
-    line = "%s: %s\n" % (SERVER_NAME, HIDDEN_IN_LOG.sub(_escape_hidden, message))
+    line = "%s: %s\n" % (SERVER_NAME, HIDDEN_IN_LOG.sub(_escape_hidden, redact(message)))
     try:
         sys.stderr.buffer.write(line.encode("utf-8", "backslashreplace"))
         sys.stderr.buffer.flush()
@@ -574,6 +588,8 @@ class Config(NamedTuple):
             read_timeout=_number(env, "KVMFLEET_READ_TIMEOUT", 30.0, 600),
             max_result_chars=int(_number(env, "KVMFLEET_MCP_MAX_RESULT_CHARS", 50_000, 10_000_000, 1000)),
         )
+        if token:
+            _keep_secret(token)
         if token_file:
             try:
                 config.bearer()
@@ -593,11 +609,11 @@ class Config(NamedTuple):
             with open(self.token_file, encoding="utf-8") as handle:
                 token = handle.read().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ToolError("Could not read KVMFLEET_TOKEN_FILE=%s (%s)." % (self.token_file, type(exc).__name__))
+            raise ToolError("Could not read KVMFLEET_TOKEN_FILE=%s (%s)." % (
+                self.token_file, type(exc).__name__)) from None
         if not token:
             raise ToolError("KVMFLEET_TOKEN_FILE=%s is empty." % self.token_file)
-        if token not in _SECRETS:
-            _SECRETS.append(token)
+        _keep_secret(token)
         return token
 
 
@@ -1144,7 +1160,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         log(str(exc))
         return 2
-    _SECRETS.append(config.token)
     missing = _missing_dependency()
     if missing:
         log(missing)

@@ -906,27 +906,26 @@ def _main(argv: Optional[list] = None) -> int:
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
     args = parser.parse_args(argv)
-    platform = DemoPlatform(args.host, args.port, verbose=args.verbose)
-    url = platform.start()
+    demo = DemoPlatform(args.host, args.port, verbose=args.verbose)
+    url = demo.start()
     stop = threading.Event()
 
-    def _on_sigterm(signum: int, frame: object) -> None:
-        """Turn SIGTERM into a clean exit."""
+    def _on_signal(signum: int, frame: object) -> None:
+        """Turn Ctrl-C or SIGTERM into a clean exit."""
         stop.set()
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Handle SIGINT ourselves too: a shell that backgrounds us may have it ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
     lines = [f"KVM Fleet demo platform on {url}", "tokens (Authorization: Bearer <token>):"]
     lines += [f"  {tok:<22} role {TOKENS[tok]:<10} user {USERS[tok]}" for tok in TOKENS]
     lines += [f"try: KVMFLEET_API={url} KVMFLEET_TOKEN=kvmf_demo_operator "
               f"KVMFLEET_MCP_ALLOW_WRITES=true", "Ctrl-C to stop."]
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
-    try:
-        while not stop.wait(0.5):  # a timed wait keeps Ctrl-C responsive everywhere
-            pass
-    except KeyboardInterrupt:
+    while not stop.wait(0.5):  # a timed wait keeps signals responsive everywhere
         pass
-    platform.stop()
+    demo.stop()
     return 0
 
 
