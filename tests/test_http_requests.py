@@ -189,3 +189,17 @@ def test_oversized_answer_is_not_read_to_the_end(monkeypatch):
     responses.add("GET", API + "/v1/isos", body="[" + "1," * 2000 + "1]")
     result = call(make_server(), "list_isos")
     assert result["isError"] and "larger than" in text_of(result)
+
+
+@responses.activate
+def test_client_info_cannot_inject_a_header():
+    # Security: clientInfo is the client's word; it must not add header lines or break the request.
+    responses.add("GET", API + "/v1/isos", json={})
+    server = kv.Server(kv.Config.from_env({"KVMFLEET_API": API, "KVMFLEET_TOKEN": CANARY}))
+    server.handle({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25",
+        "clientInfo": {"name": "evil\r\nX-Injected: 1", "version": ["not", "a", "string"]}}})
+    assert not call(server, "list_isos").get("isError")
+    sent = responses.calls[0].request.headers
+    assert sent["x-kvmfleet-mcp-client"] == "kvmfleet-mcp/%s (evilX-Injected: 1/unknown)" % kv.__version__
+    assert "X-Injected" not in sent
