@@ -315,8 +315,12 @@ class _Ctx:
 class DemoPlatform:
     """The in-memory KVM Fleet platform, served over loopback HTTP from a daemon thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
+                 keep_alive: bool = False) -> None:
         self.host, self.port, self.verbose = host, port, verbose
+        # HTTP/1.1 keep-alive, as a real platform would, for the benchmark;
+        # the tests keep HTTP/1.0 so that stop() really cuts clients off.
+        self.keep_alive = keep_alive
         self.url = ""
         self.requests: list[dict] = []
         self._lock = threading.RLock()  # guards self.requests and all state
@@ -329,7 +333,8 @@ class DemoPlatform:
 
     def start(self) -> str:
         """Bind, serve from a daemon thread, and return the base URL."""
-        handler = type("_BoundHandler", (_Handler,), {"platform": self})
+        handler = type("_BoundHandler", (_Handler,), {
+            "platform": self, "protocol_version": "HTTP/1.1" if self.keep_alive else "HTTP/1.0"})
         self._server = ThreadingHTTPServer((self.host, self.port), handler)
         self._server.daemon_threads = True
         self.url = f"http://{self.host}:{self._server.server_address[1]}"
@@ -867,10 +872,14 @@ class DemoPlatform:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Hands every request to DemoPlatform._handle; HTTP/1.0, one request per connection."""
+    """Hands every request to DemoPlatform._handle; HTTP/1.0 unless the platform keeps connections alive."""
 
     platform: DemoPlatform  # set on a per-platform subclass in DemoPlatform.start()
     server_version = "kvmfleet-demo/1.0"
+    # One send per answer (headers and body buffered, flushed by http.server),
+    # and no Nagle: otherwise a keep-alive client waits 40 ms for delayed ACKs.
+    wbufsize = -1
+    disable_nagle_algorithm = True
 
     def _serve(self) -> None:
         """Read the body, ask the platform, write the answer."""

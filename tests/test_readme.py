@@ -35,6 +35,7 @@ def test_the_quick_start_demo_runs_and_shows_the_platform_enforcing(tmp_path):
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
     assert out.count("\n> ") == 13
-    assert '"status":"offline"' in out and '"framework":"nis2"' in out and '"ok":true' in out
+    compact = out.replace('": ', '":')  # results are the platform's bytes, spaces and all
+    assert '"status":"offline"' in compact and '"framework":"nis2"' in compact and '"ok":true' in compact
     assert "Not done: power_action would" in out and "jit_required" in out and "four_eyes" in out
-    assert '"status":"accepted"' in out and '"status":"acknowledged"' in out
+    assert '"status":"accepted"' in compact and '"status":"acknowledged"' in compact

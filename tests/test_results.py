@@ -88,9 +88,17 @@ def test_hidden_characters_in_a_verbatim_error_body_are_made_visible_too():
 @responses.activate
 def test_everything_else_stays_verbatim():
     name = "Küche 日本 🖥️ ❤️ café\ttab"
-    responses.add("GET", API + "/v1/devices/d1", json={"name": name})
+    responses.add("GET", API + "/v1/devices/d1", body=json.dumps({"name": name}, ensure_ascii=False).encode(),
+                  content_type="application/json")
     text = text_of(call(server_with_cap(50000), "get_device_health", device_id="d1"))
     assert text == '{"name":"Küche 日本 🖥️ ❤️ café\\ttab"}'
+
+
+@responses.activate
+def test_plain_ascii_json_is_passed_on_byte_for_byte():
+    body = '{"items": [{"id": "d1", "name": "K\\u00fcche"}], "next_cursor": null}'
+    responses.add("GET", API + "/v1/devices", body=body, content_type="application/json")
+    assert text_of(call(server_with_cap(50000), "list_devices")) == body
 
 
 def test_log_lines_escape_control_characters_so_they_cannot_be_forged(capsys):

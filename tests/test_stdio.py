@@ -104,12 +104,12 @@ def test_odd_base_urls_are_refused(api):
         kv.Config.from_env({"KVMFLEET_API": api, "KVMFLEET_TOKEN": "t"})
 
 
-def test_a_missing_dependency_is_reported_at_start(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['jsonschema'] = None\n")
-    env = unreachable_env(PYTHONPATH=str(tmp_path))
-    proc = run_server([INITIALIZE], env)
+def test_a_missing_dependency_is_reported_at_start():
+    # -S: no site-packages, so neither requests nor jsonschema can be found.
+    proc = subprocess.run([sys.executable, "-S", SERVER], input=INITIALIZE, capture_output=True,
+                          env=unreachable_env(), timeout=30)
     assert proc.returncode == 2 and proc.stdout == b""
-    assert b"'jsonschema' is not installed" in proc.stderr and b"python3-jsonschema" in proc.stderr
+    assert b"'requests' is not installed" in proc.stderr and b"apt install python3-requests" in proc.stderr
 
 
 def test_version_prints_the_sha256_of_the_file_itself():
