@@ -21,6 +21,8 @@ Environment:
     KVMFLEET_READ_TIMEOUT       seconds to wait for an answer (default 30)
     KVMFLEET_MCP_MAX_RESULT_CHARS  cap on a result's text (default 50000)
     KVMFLEET_ALLOW_INSECURE_HTTP   exactly "true" to allow http:// off loopback
+    KVMFLEET_MCP_TOOLS          comma-separated allow-list of tools to offer
+    KVMFLEET_ORG_ID             MSP: the one managed customer org every call is for
     HTTPS_PROXY, NO_PROXY       honoured if the client config passes them
 
 Stdio contract: newline-delimited JSON-RPC 2.0 in UTF-8, read from stdin
@@ -111,6 +113,8 @@ RETRY_BACKOFF: Final = 0.25  # seconds, doubled each time, when no Retry-After
 RETRY_AFTER_CAP: Final = 10.0  # a longer Retry-After is passed on, not waited for
 # Tool lists never change within a process; say so to 2026 clients' caches.
 LIST_TTL_MS: Final = 3_600_000
+# How long the token-scope question may delay the first tools/list.
+SCOPE_TIMEOUT: Final = 2.0
 
 # Ids are opaque to us, but the platform's are plain tokens. Starting with
 # a letter or digit rules out "." and ".." (which URL libraries collapse).
@@ -122,6 +126,10 @@ RFC3339_PATTERN: Final = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
     r"(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$(?!\n)"
 )
+# since/until: RFC 3339, or a duration back from now that the server resolves.
+DURATION_PATTERN: Final = r"^[1-9][0-9]{0,3}[mhdw]$(?!\n)"
+TIME_PATTERN: Final = "(%s)|(%s)" % (RFC3339_PATTERN, DURATION_PATTERN)
+DURATION_SECONDS: Final = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
 # Security: characters that are invisible or reorder text, so platform data
 # could hide instructions from the person reading what the model read:
 # C0/C1 controls (not tab or newline), soft hyphen, zero-width and
@@ -217,10 +225,11 @@ DEVICE_ID: Final = _id("Device id (the `id` field from list_devices, not its nam
 LIMIT: Final = {"type": "integer", "minimum": 1, "maximum": 500, "description": "Items per page, 1-500."}
 CURSOR: Final = {"type": "string", "minLength": 1, "maxLength": 1024,
                  "description": "`next_cursor` from the previous page."}
-SINCE: Final = {"type": "string", "pattern": RFC3339_PATTERN,
-                "description": "Only items at or after this RFC 3339 time, e.g. 2026-11-23T08:00:00Z."}
-UNTIL: Final = {"type": "string", "pattern": RFC3339_PATTERN,
-                "description": "Only items before this RFC 3339 time."}
+SINCE: Final = {"type": "string", "pattern": TIME_PATTERN,
+                "description": "Only items at or after this time: RFC 3339 (2026-11-23T08:00:00Z) "
+                               "or a duration back from now (30m, 24h, 7d, 2w)."}
+UNTIL: Final = {"type": "string", "pattern": TIME_PATTERN,
+                "description": "Only items before this time: RFC 3339 or a duration back from now."}
 CONFIRM: Final = {"type": "boolean",
                   "description": "true only after the user has approved this exact action."}
 PAGE: Final = {"limit": LIMIT, "cursor": CURSOR}
@@ -354,6 +363,43 @@ TOOLS: Final = (
 )
 TOOLS_BY_NAME: Final = {tool.name: tool for tool in TOOLS}
 
+INSTRUCTIONS: Final = (
+    "KVM Fleet: IP-KVM/BMC devices, audit log, access grants, console sessions, alerts. "
+    "Tools take ids (the `id` field of list results), not names: find an id first, e.g. "
+    "list_devices with q=<name>. Power off/off_hard/cycle, revoke_access, mount_iso and "
+    "end_console_session are refused until the user approves that exact action and you call "
+    "again with confirm: true. Lists are paged: pass next_cursor as cursor; a result cut to fit "
+    "says so in _truncated. since/until take RFC 3339 or 30m, 24h, 7d, 2w. The platform "
+    "enforces roles, policy, JIT and 4-eyes; its refusals are quoted verbatim.")
+
+
+class Prompt(NamedTuple):
+    """One prompt: a question from the README answered in one or two tool calls."""
+
+    name: str
+    title: str
+    question: str
+    steps: Tuple[Tuple[str, JSON], ...]  # (tool, arguments); "{arg}" is filled in
+    arguments: Tuple[Tuple[str, str, str], ...] = ()  # (name, description, default)
+
+
+PROMPTS: Final = (
+    Prompt("fleet_status", "Fleet status", "Which devices are offline, and what is firing?",
+           (("list_devices", {"status": "offline"}), ("list_alerts", {"status": "firing"}))),
+    Prompt("failed_logins", "Failed logins", "Show me failed logins in the last {window}.",
+           (("query_audit_log", {"action": "auth.login", "outcome": "failure", "since": "{window}"}),),
+           (("window", "How far back: 30m, 24h, 7d, 2w.", "24h"),)),
+    Prompt("approvals_waiting", "Approvals waiting on me", "What access requests are waiting for my approval?",
+           (("list_access_grants", {"awaiting_my_approval": True, "status": "pending"}),)),
+    Prompt("nis2_snapshot", "NIS2 snapshot", "Generate the NIS2 snapshot for {period}, with its dropped controls.",
+           (("get_compliance_score", {"framework": "nis2", "period": "{period}"}),),
+           (("period", "Month as YYYY-MM; empty for the current month.", ""),)),
+    Prompt("overnight_alerts", "Overnight alerts", "What alerted in the last {window}?",
+           (("list_alerts", {"since": "{window}"}),), (("window", "How far back: e.g. 12h.", "12h"),)),
+    Prompt("audit_integrity", "Audit integrity", "Is the audit log intact, and when was its chain last anchored?",
+           (("verify_audit_integrity", {}), ("get_audit_chain_head", {}))),
+)
+
 ###############################################################################
 # Pure helpers ################################################################
 ###############################################################################
@@ -383,9 +429,28 @@ def tool_listing(tool: Tool) -> JSON:
     }
 
 
-def advertised_tools(allow_writes: bool) -> Tuple[Tool, ...]:
-    """The tools this process offers, in table order."""
-    return tuple(tool for tool in TOOLS if allow_writes or not tool.write)
+def advertised_tools(allow_writes: bool, only: Optional[Tuple[str, ...]] = None) -> Tuple[Tool, ...]:
+    """The tools this process offers, in table order: writes only if allowed, and only those named."""
+    return tuple(tool for tool in TOOLS if (allow_writes or not tool.write) and (only is None or tool.name in only))
+
+
+def prompt_steps(prompt: Prompt, given: Dict[str, str]) -> List[Tuple[str, JSON]]:
+    """The tool calls a prompt asks for, its arguments filled in (an empty one left out)."""
+    values = {name: given.get(name) or default for name, _, default in prompt.arguments}
+    steps = []
+    for tool, template in prompt.steps:
+        args = {key: value.format(**values) if isinstance(value, str) else value for key, value in template.items()}
+        steps.append((tool, {key: value for key, value in args.items() if value != ""}))
+    return steps
+
+
+def prompt_text(prompt: Prompt, given: Dict[str, str]) -> str:
+    """The user message of a prompt: the question and the exact calls that answer it."""
+    values = {name: given.get(name) or default or "this month" for name, _, default in prompt.arguments}
+    calls = ["%d. %s %s" % (n, tool, json.dumps(args)) for n, (tool, args) in
+             enumerate(prompt_steps(prompt, given), 1)]
+    return "%s\nAnswer it with these KVM Fleet tool calls, then summarise what they return:\n%s" % (
+        prompt.question.format(**values), "\n".join(calls))
 
 
 def needs_confirm(tool: Tool, args: JSON) -> bool:
@@ -575,6 +640,8 @@ class Config(NamedTuple):
     connect_timeout: float
     read_timeout: float
     max_result_chars: int
+    tools: Optional[Tuple[str, ...]] = None  # KVMFLEET_MCP_TOOLS, None: all
+    org_id: Optional[str] = None  # KVMFLEET_ORG_ID: every call is for this customer org
 
     @classmethod
     def from_env(cls, env: Dict[str, str]) -> Config:
@@ -606,6 +673,8 @@ class Config(NamedTuple):
             connect_timeout=_number(env, "KVMFLEET_CONNECT_TIMEOUT", 5.0, 600),
             read_timeout=_number(env, "KVMFLEET_READ_TIMEOUT", 30.0, 600),
             max_result_chars=int(_number(env, "KVMFLEET_MCP_MAX_RESULT_CHARS", 50_000, 10_000_000, 1000)),
+            tools=_tool_allow_list(env.get("KVMFLEET_MCP_TOOLS", "")),
+            org_id=_org_id(env.get("KVMFLEET_ORG_ID", "").strip()),
         )
         if token:
             _keep_secret(token)
@@ -634,6 +703,22 @@ class Config(NamedTuple):
             raise ToolError("KVMFLEET_TOKEN_FILE=%s is empty." % self.token_file)
         _keep_secret(token)
         return token
+
+
+def _tool_allow_list(raw: str) -> Optional[Tuple[str, ...]]:
+    names = tuple(name.strip() for name in raw.split(",") if name.strip())
+    unknown = [name for name in names if name not in TOOLS_BY_NAME]
+    if unknown:
+        raise ConfigError("KVMFLEET_MCP_TOOLS names unknown tools: %s. Known: %s." % (
+            ", ".join(unknown), ", ".join(TOOLS_BY_NAME)))
+    return names or None
+
+
+def _org_id(raw: str) -> Optional[str]:
+    # Security: the org id goes into a header; an id pattern keeps it one clean line.
+    if raw and not re.search(ID_PATTERN, raw):
+        raise ConfigError("KVMFLEET_ORG_ID=%r is not an org id (letters, digits, ._~:@-)." % raw[:80])
+    return raw or None
 
 
 def _number(env: Dict[str, str], name: str, default: float, most: float, least: float = 0) -> float:
@@ -716,12 +801,20 @@ class Platform:
             session.verify = self.config.ca_bundle or True
             session.headers.update({"Accept": "application/json",
                                     "User-Agent": "%s/%s" % (SERVER_NAME, __version__)})
+            if self.config.org_id:
+                # Security: set here, from the environment only; no tool
+                # argument reaches this header, so the model cannot switch orgs.
+                session.headers["x-kvmfleet-org-id"] = self.config.org_id
             self._http = session
         return self._http
 
     def call(self, method: str, path: str, query: Optional[List[Tuple[str, str]]] = None,
-             body: Optional[JSON] = None, client: str = "", write: bool = False) -> Reply:
-        """Make one call, trying a read again on a passing fault; ToolError if unreachable."""
+             body: Optional[JSON] = None, client: str = "", write: bool = False,
+             quick: Optional[float] = None) -> Reply:
+        """Make one call, trying a read again on a passing fault; ToolError if unreachable.
+
+        quick: a single try bounded to that many seconds (the token-scope probe).
+        """
         import requests  # loaded by _session(); this only binds the name
 
         headers = {"Authorization": "Bearer " + self.config.bearer(),
@@ -735,15 +828,15 @@ class Platform:
             # the platform drop a duplicate and a person find the audit row.
             headers["Idempotency-Key"] = os.urandom(16).hex()
         session = self._session()
-        for attempt in range(1 if write else 1 + READ_RETRIES):
-            last = write or attempt == READ_RETRIES
+        timeout = (quick, quick) if quick else (self.config.connect_timeout, self.config.read_timeout)
+        for attempt in range(1 if write or quick else 1 + READ_RETRIES):
+            last = write or bool(quick) or attempt == READ_RETRIES
             try:
                 # Security: allow_redirects=False: a 3xx is reported, never
                 # followed, so the token goes to KVMFLEET_API and nowhere else.
                 response = session.request(
                     method, self.config.api + path, params=query, data=data, headers=headers,
-                    timeout=(self.config.connect_timeout, self.config.read_timeout),
-                    allow_redirects=False, stream=True)
+                    timeout=timeout, allow_redirects=False, stream=True)
             except requests.ConnectionError as exc:  # refused, reset, connect timeout, TLS
                 if last or isinstance(exc, requests.exceptions.SSLError):
                     raise ToolError(_network_failure(self.config, method, path, exc)) from None
@@ -753,7 +846,7 @@ class Platform:
                 raise ToolError(_network_failure(self.config, method, path, exc)) from None
             try:
                 with response:
-                    content = _read_bounded(response, self.config.read_timeout)
+                    content = _read_bounded(response, timeout[1])
             except requests.exceptions.ChunkedEncodingError as exc:  # dropped mid-answer
                 if last:
                     raise ToolError(_network_failure(self.config, method, path, exc)) from None
@@ -924,8 +1017,13 @@ def check_arguments(tool: Tool, args: JSON) -> None:
         log("bug: %s's arguments were refused, yet jsonschema accepts them" % tool.name)
         raise ToolError("Invalid arguments for %s. See the tool's inputSchema." % tool.name)
     where = "/".join(str(part) for part in error.absolute_path)
-    raise ToolError("Invalid arguments for %s%s: %s. See the tool's inputSchema." % (
-        tool.name, " at " + where if where else "", bounded(error.message, 300)))
+    message = error.message
+    if error.validator == "pattern":  # the regex itself would only confuse
+        message = "%s is not in the accepted form" % bounded(repr(error.instance), 100)
+    prop = tool.properties.get(where)
+    raise ToolError("Invalid arguments for %s%s: %s.%s See the tool's inputSchema." % (
+        tool.name, " at " + where if where else "", bounded(message, 300),
+        " %s: %s" % (where, prop["description"]) if prop else ""))
 
 
 def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
@@ -947,6 +1045,7 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
             '"confirm": true.' % (tool.name, tool.effect.format(**args), tool.name))
     for name, make in tool.defaults:
         args.setdefault(name, make())
+    window = resolve_durations(args, time.time())
     path = build_path(tool.path, args)
     query = list(tool.fixed_query)
     body = None
@@ -955,7 +1054,39 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
     else:
         body = args
     reply = platform.call(tool.method, path, query or None, body, client, tool.write)
-    return reply_result(tool.method, path, reply, platform.config)
+    result = reply_result(tool.method, path, reply, platform.config)
+    if window and not result.get("isError"):
+        result["content"].append({"type": "text", "text": window})
+    return result
+
+
+def resolve_durations(args: JSON, now: float) -> str:
+    """Replace since/until durations (24h) with UTC RFC 3339 times; say what window that is."""
+    said = []
+    for name in ("since", "until"):
+        value = args.get(name)
+        if isinstance(value, str) and re.search(DURATION_PATTERN, value):
+            seconds = int(value[:-1]) * DURATION_SECONDS[value[-1]]
+            args[name] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - seconds))
+            said.append("%s=%s (%s before now)" % (name, args[name], value))
+    if not said:
+        return ""
+    return "Time window used: %s; now is %s." % (", ".join(said), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+
+
+def token_scope(platform: Platform, client: str) -> Tuple[Optional[JSON], str]:
+    """Ask GET /v1/tokens/current, bounded to a short wait: its answer (or None) and what it said."""
+    try:
+        reply = platform.call("GET", "/v1/tokens/current", None, None, client, quick=SCOPE_TIMEOUT)
+    except ToolError as exc:
+        return None, "no answer from GET /v1/tokens/current (%s)" % bounded(str(exc), 200)
+    try:
+        data = json.loads(reply.body) if reply.status == 200 else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return None, "GET /v1/tokens/current answered HTTP %d without a token description" % reply.status
+    return data, "role %s, scope %s" % (bounded(str(data.get("role")), 40), bounded(str(data.get("scope")), 40))
 
 
 ###############################################################################
@@ -969,10 +1100,9 @@ class Server:
     def __init__(self, config: Config, platform: Optional[Platform] = None) -> None:
         self.config = config
         self.platform = platform or Platform(config)
-        self.tools = advertised_tools(config.allow_writes)
-        self.tool_names = {tool.name for tool in self.tools}
         self.legacy_version: Optional[str] = None  # set by initialize
         self.client_info: Optional[JSON] = None
+        self._tools: Optional[Dict[str, Tool]] = None  # decided once: see offered()
         self._listing: Optional[List[JSON]] = None
         self._methods: Dict[str, Callable[[JSON, Optional[str]], JSON]] = {
             "initialize": self._initialize,
@@ -980,7 +1110,29 @@ class Server:
             "server/discover": self._discover,
             "tools/list": self._tools_list,
             "tools/call": self._tools_call,
+            "prompts/list": self._prompts_list,
+            "prompts/get": self._prompts_get,
         }
+
+    def offered(self) -> Dict[str, Tool]:
+        """The tools of this process, by name: decided before the first list or call, then fixed."""
+        if self._tools is None:
+            writes = self.config.allow_writes
+            if writes:
+                # Never during initialize (no network there); once, here, bounded.
+                info, said = token_scope(self.platform, client_tag(self.client_info))
+                if info is None:
+                    log("token scope unknown (%s); write tools follow KVMFLEET_MCP_ALLOW_WRITES" % said)
+                elif info.get("scope") == "read":
+                    writes = False
+                    log("the token is read-only (%s): write tools stay hidden for this process" % said)
+            self._tools = {tool.name: tool for tool in advertised_tools(writes, self.config.tools)}
+        return self._tools
+
+    def prompts(self) -> Dict[str, Prompt]:
+        """The prompts whose every tool this process offers."""
+        return {prompt.name: prompt for prompt in PROMPTS
+                if all(tool in self.offered() for tool, _ in prompt.steps)}
 
     # -- framing ----------------------------------------------------------
 
@@ -1077,8 +1229,9 @@ class Server:
         self.client_info = client if isinstance(client, dict) else None
         return {
             "protocolVersion": self.legacy_version,
-            "capabilities": {"tools": {"listChanged": False}},
+            "capabilities": {"tools": {"listChanged": False}, "prompts": {"listChanged": False}},
             "serverInfo": self._server_info(),
+            "instructions": INSTRUCTIONS,
         }
 
     def _ping(self, params: JSON, modern: Optional[str]) -> JSON:
@@ -1091,21 +1244,50 @@ class Server:
                 % (MODERN_VERSIONS[-1], self.legacy_version)))
         return {
             "supportedVersions": list(SUPPORTED_VERSIONS),
-            "capabilities": {"tools": {}},
+            "capabilities": {"tools": {}, "prompts": {}},
+            "instructions": INSTRUCTIONS,
             "ttlMs": LIST_TTL_MS,
             "cacheScope": "private",
         }
 
-    def _tools_list(self, params: JSON, modern: Optional[str]) -> JSON:
+    def _one_page(self, key: str, items: List[JSON], params: JSON, modern: Optional[str]) -> JSON:
         if params.get("cursor") is not None:
-            raise ProtocolError(INVALID_PARAMS, "Invalid cursor: this server lists every tool on one page")
-        if self._listing is None:
-            self._listing = [tool_listing(tool) for tool in self.tools]
-        result: JSON = {"tools": self._listing}
+            raise ProtocolError(INVALID_PARAMS, "Invalid cursor: this server lists everything on one page")
+        result: JSON = {key: items}
         if modern is not None:
-            # The list depends on this deployment's write mode: private.
+            # The lists depend on this deployment's settings and token: private.
             result.update(ttlMs=LIST_TTL_MS, cacheScope="private")
         return result
+
+    def _tools_list(self, params: JSON, modern: Optional[str]) -> JSON:
+        if self._listing is None:
+            self._listing = [tool_listing(tool) for tool in self.offered().values()]
+        return self._one_page("tools", self._listing, params, modern)
+
+    def _prompts_list(self, params: JSON, modern: Optional[str]) -> JSON:
+        listing = [{"name": prompt.name, "title": prompt.title, "description": prompt_text(prompt, {}),
+                    "arguments": [{"name": name, "description": text, "required": False}
+                                  for name, text, _ in prompt.arguments]}
+                   for prompt in self.prompts().values()]
+        return self._one_page("prompts", listing, params, modern)
+
+    def _prompts_get(self, params: JSON, modern: Optional[str]) -> JSON:
+        prompt = self.prompts().get(params.get("name"))  # type: ignore[arg-type]
+        given = params.get("arguments") or {}
+        if prompt is None:
+            raise ProtocolError(INVALID_PARAMS, "Unknown prompt: %s" % bounded(str(params.get("name")), 100))
+        known = {name for name, _, _ in prompt.arguments}
+        if not isinstance(given, dict) or not all(name in known and isinstance(value, str)
+                                                  for name, value in given.items()):
+            raise ProtocolError(INVALID_PARAMS, "%s takes only these string arguments: %s" % (
+                prompt.name, ", ".join(sorted(known)) or "none"))
+        for tool, args in prompt_steps(prompt, given):  # a bad argument fails as its tool would
+            try:
+                check_arguments(TOOLS_BY_NAME[tool], args)
+            except ToolError as exc:
+                raise ProtocolError(INVALID_PARAMS, str(exc)) from None
+        return {"description": prompt.title,
+                "messages": [{"role": "user", "content": {"type": "text", "text": prompt_text(prompt, given)}}]}
 
     def _tools_call(self, params: JSON, modern: Optional[str]) -> JSON:
         name = params.get("name")
@@ -1116,13 +1298,14 @@ class Server:
             raise ProtocolError(INVALID_PARAMS, "tools/call needs a string name and an object of arguments")
         # Security: a write tool that is not advertised is refused exactly
         # like a tool that does not exist, before anything is sent.
-        if name not in self.tool_names:
+        tool = self.offered().get(name)
+        if tool is None:
             raise ProtocolError(INVALID_PARAMS, "Unknown tool: %s" % bounded(name, 100))
         client = self.client_info
         if modern is not None:
             client = params["_meta"].get(META_CLIENT)
         try:
-            return call_tool(TOOLS_BY_NAME[name], args, self.platform, client_tag(client))
+            return call_tool(tool, args, self.platform, client_tag(client))
         except ToolError as exc:
             return text_result(str(exc), is_error=True)
 
@@ -1190,8 +1373,8 @@ def _confirm_rule(tool: Tool) -> str:
     return "always" if tool.confirm == ALWAYS else "never"
 
 
-def _list_tools(allow_writes: bool) -> None:
-    for tool in advertised_tools(allow_writes):
+def _list_tools(allow_writes: bool, only: Optional[Tuple[str, ...]]) -> None:
+    for tool in advertised_tools(allow_writes, only):
         gate = "write, confirm %s" % _confirm_rule(tool) if tool.write else "read"
         _print("%-27s %-4s %-45s %s" % (tool.name, tool.method, tool.path, gate))
     if not allow_writes:
@@ -1210,8 +1393,9 @@ def _check(config: Config) -> int:
         config.api, reply.status, (time.monotonic() - started) * 1000))
     result = reply_result("GET", "/v1/devices", reply, config)
     _print("authenticated: " + ("no\n" + result["content"][0]["text"] if result.get("isError") else "yes"))
-    _print("write mode: " + ("on: %d write tools offered" % sum(1 for tool in TOOLS if tool.write)
-                             if config.allow_writes else
+    _print("org: %s" % (config.org_id or "the token's own (KVMFLEET_ORG_ID not set)"))
+    _print("token: %s" % token_scope(Platform(config), client_tag({"name": "check"}))[1])
+    _print("write mode: " + ("on, unless the token is read-only" if config.allow_writes else
                              "off (set KVMFLEET_MCP_ALLOW_WRITES=true to offer write tools)"))
     return 1 if result.get("isError") else 0
 
@@ -1239,7 +1423,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         _print("%s %s sha256:%s %s" % (SERVER_NAME, __version__, _file_sha256(), os.path.realpath(__file__)))
         return 0
     if mode == "list-tools":
-        _list_tools(os.environ.get("KVMFLEET_MCP_ALLOW_WRITES") == "true")
+        try:
+            only = _tool_allow_list(os.environ.get("KVMFLEET_MCP_TOOLS", ""))
+        except ConfigError as exc:
+            log(str(exc))
+            return 2
+        _list_tools(os.environ.get("KVMFLEET_MCP_ALLOW_WRITES") == "true", only)
         return 0
     try:
         config = Config.from_env(dict(os.environ))

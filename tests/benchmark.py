@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_platform import DemoPlatform  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "kvmf_demo_viewer"
+TOKEN = "kvmf_demo_viewer"  # noqa: S105 - the demo platform's public viewer token
 DEVICE = "dev_srv_pdx_3"
 INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
+import responses
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,13 +36,18 @@ def make_config(**overrides: Any) -> kv.Config:
     return kv.Config.from_env(env)
 
 
-def make_server(writes: bool = False, initialize: Optional[str] = "2025-11-25") -> kv.Server:
-    config = make_config(KVMFLEET_MCP_ALLOW_WRITES="true" if writes else "")
+def make_server(writes: bool = False, initialize: Optional[str] = "2025-11-25", **env: str) -> kv.Server:
+    """An in-process server; with writes, its tools are decided (token scope: write) before the test's mocks."""
+    config = make_config(KVMFLEET_MCP_ALLOW_WRITES="true" if writes else "", **env)
     server = kv.Server(config)
     if initialize:
         reply = server.handle({"jsonrpc": "2.0", "id": 0, "method": "initialize",
                                "params": dict(INIT, protocolVersion=initialize)})
         assert reply is not None and "result" in reply
+    if writes:
+        with responses.RequestsMock() as mock:
+            mock.add("GET", API + "/v1/tokens/current", json={"scope": "write", "role": "operator"})
+            server.offered()
     return server
 
 
@@ -94,6 +100,11 @@ def run_server(lines: List[bytes], env: Dict[str, str], args: Optional[List[str]
     token = env.get("KVMFLEET_TOKEN", "").encode()
     assert not token or token not in proc.stdout + proc.stderr
     return proc
+
+
+def platform_calls(platform: DemoPlatform) -> List[Dict[str, Any]]:
+    """What reached the demo platform, less the token-scope probe a write-mode server makes once."""
+    return [r for r in platform.requests if r["path"] != "/v1/tokens/current"]
 
 
 def line(message: Any) -> bytes:

@@ -50,13 +50,20 @@ TOKENS: dict[str, str] = {
     "kvmf_demo_operator": "operator",
     "kvmf_demo_operator2": "operator",
     "kvmf_demo_admin": "org_admin",
+    "kvmf_demo_readonly": "operator",  # an operator's token created with scope "read"
 }
 USERS: dict[str, str] = {
     "kvmf_demo_viewer": "vic.viewer",
     "kvmf_demo_operator": "olga.operator",
     "kvmf_demo_operator2": "omar.operator",
     "kvmf_demo_admin": "ada.admin",
+    "kvmf_demo_readonly": "olga.operator",
 }
+# Token scope (vendor roadmap: GET /v1/tokens/current); a read token may not write.
+READ_ONLY_TOKENS = ("kvmf_demo_readonly",)
+# MSP context (vendor roadmap: header x-kvmfleet-org-id): the orgs a token may act for.
+OWN_ORG = "org_demo"
+MANAGED_ORGS = ("org_demo", "org_customer_a")
 
 START = datetime.now(timezone.utc).replace(microsecond=0)  # "now" for the seed
 GENESIS_HASH = "0" * 64                  # prev_hash of the first audit event
@@ -83,6 +90,7 @@ ROUTES: Tuple[Tuple[str, str, str, str, Optional[str], Optional[Tuple[str, ...]]
     ("GET", "v1/alerts/history", "list_alerts", "alert.list", None, None),
     ("GET", "v1/policies", "list_policies", "policy.list", None, None),
     ("GET", "v1/isos", "list_isos", "iso.list", None, None),
+    ("GET", "v1/tokens/current", "token", "token.read", None, None),
     ("POST", "v1/reports/{id}", "report", "report.generate", None, ("period",)),
     ("POST", "v1/devices/{id}/power", "power", "device.power",
      "run power actions", ("action",)),
@@ -305,6 +313,7 @@ class _Ctx:
     def __init__(self, user: str, role: Optional[str], client: Optional[str], ip: str) -> None:
         self.user, self.role, self.client, self.ip = user, role, client, ip
         self.device_id: Optional[str] = None
+        self.read_only = False  # the token's scope is read
 
 
 ####
@@ -612,10 +621,14 @@ class DemoPlatform:
         token = token.strip() if scheme.lower() == "bearer" else ""
         ctx = _Ctx(USERS.get(token, "anonymous"), TOKENS.get(token),
                    headers.get("x-kvmfleet-mcp-client"), ip)
+        ctx.read_only = token in READ_ONLY_TOKENS
         action = "auth.token"
         try:
             if ctx.role is None:
                 raise ApiError(401, "unauthenticated", "missing or invalid bearer token")
+            org = headers.get("x-kvmfleet-org-id", OWN_ORG)
+            if org not in MANAGED_ORGS:
+                raise ApiError(403, "org_forbidden", f"this token may not act for org {org!r}")
             action = "http.not_found"
             route, params = self._route(method, raw_path)
             if route is None:
@@ -623,6 +636,8 @@ class DemoPlatform:
             _, _, name, action, refusal, fields = route
             if refusal is not None and ctx.role not in WRITE_ROLES:
                 raise ApiError(403, "forbidden", f"role {ctx.role} may not {refusal}")
+            if refusal is not None and ctx.read_only:
+                raise ApiError(403, "forbidden", f"this token's scope is read; it may not {refusal}")
             body = _json_object(raw, fields) if fields is not None else {}
             status, payload = getattr(self, "_h_" + name)(ctx, params, query, body)
         except ApiError as err:
@@ -725,6 +740,10 @@ class DemoPlatform:
     def _h_list_policies(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/policies: all of them, one page."""
         return 200, {"items": self.policies, "next_cursor": None}
+
+    def _h_token(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
+        return 200, {"scope": "read" if ctx.read_only else "write", "role": ctx.role,
+                     "user": ctx.user, "org_id": OWN_ORG}
 
     def _h_list_isos(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/isos: all of them, one page."""

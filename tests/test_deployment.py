@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import kvmfleet_mcp as kv
-from conftest import INIT, SERVER, line, replies, require, server_env
+from conftest import INIT, SERVER, line, platform_calls, replies, require, server_env
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 WORLD = "Küche 日本 🖥 naïve"
@@ -42,7 +42,8 @@ def test_the_file_alone_runs_on_debian_python3_with_only_apt_packages(platform, 
     assert {d["status"] for d in json.loads(out[1]["result"]["content"][0]["text"])["items"]} == {"offline"}
     assert "Invalid arguments for list_alerts at limit" in out[2]["result"]["content"][0]["text"]
     assert json.loads(out[3]["result"]["content"][0]["text"])["status"] == "accepted"
-    assert [r["path"] for r in platform.requests] == ["/v1/devices", "/v1/devices/dev_srv_pdx_3/power"]
+    assert [r["path"] for r in platform.requests] == ["/v1/tokens/current", "/v1/devices",
+                                                      "/v1/devices/dev_srv_pdx_3/power"]
 
 
 def test_windows_codepage_and_c_locale_change_nothing_on_the_wire(platform):
@@ -53,7 +54,7 @@ def test_windows_codepage_and_c_locale_change_nothing_on_the_wire(platform):
     env.update(PYTHONIOENCODING="cp1252", LANG="C", LC_ALL="C", PYTHONUTF8="0")
     proc, hostile = session(sys.executable, SERVER, env, calls)
     grant = json.loads(hostile[1]["result"]["content"][0]["text"])
-    assert grant["reason"] == WORLD and platform.requests[0]["body"]["reason"] == WORLD
+    assert grant["reason"] == WORLD and platform_calls(platform)[0]["body"]["reason"] == WORLD
     assert WORLD.encode("utf-8") in proc.stdout and b"\r\n" not in proc.stdout
     assert hostile[1]["result"]["content"][0]["text"].split('"reason"')[1][:30] == \
         plain[1]["result"]["content"][0]["text"].split('"reason"')[1][:30]

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import pytest
 
-from conftest import SERVER, make_server, require, rpc
+from conftest import SERVER, make_server, require, rpc, platform_calls
 
 require(shutil.which("npx") is not None, "node/npx (for the MCP Inspector CLI)")
 
@@ -74,7 +74,7 @@ def test_the_inspector_lists_the_servers_tools_in_order_with_all_four_hints(plat
     assert tools == rpc(make_server(writes=writes), "tools/list")["result"]["tools"]
     assert all(isinstance(t["annotations"][hint], bool) for t in tools for hint in HINTS)
     assert all(t["annotations"]["readOnlyHint"] for t in tools) is not writes
-    assert platform.requests == []
+    assert platform_calls(platform) == []
 
 
 def test_the_inspector_calls_a_read_tool_and_gets_the_platforms_items(platform, inspector):
@@ -83,7 +83,7 @@ def test_the_inspector_calls_a_read_tool_and_gets_the_platforms_items(platform, 
     items = json.loads(text(out["result"]))["items"]
     assert items and {d["status"] for d in items} == {"offline"}
     assert {"dev_pdu_fra_1", "dev_edge_ams_2"} <= {d["id"] for d in items}
-    assert [(r["method"], r["path"], r["query"]) for r in platform.requests] == [
+    assert [(r["method"], r["path"], r["query"]) for r in platform_calls(platform)] == [
         ("GET", "/v1/devices", {"status": ["offline"]})]
 
 
@@ -95,8 +95,8 @@ def test_a_confirmed_write_through_the_inspector_posts_once_without_confirm(plat
     assert status == 0 and not out["result"].get("isError"), out
     key, value = answer
     assert json.loads(text(out["result"]))[key] == value
-    assert [(r["method"], r["path"], r["body"]) for r in platform.requests] == [sent]
-    assert "confirm" not in platform.requests[0]["body"]
+    assert [(r["method"], r["path"], r["body"]) for r in platform_calls(platform)] == [sent]
+    assert "confirm" not in platform_calls(platform)[0]["body"]
 
 
 @pytest.mark.parametrize("tool,arguments,sent,answer", WRITES)
@@ -106,4 +106,4 @@ def test_an_unconfirmed_write_is_a_tool_error_exit_5_and_sends_nothing(platform,
     assert status == 5 and "tool_is_error" in stderr
     assert out["result"]["isError"] is True
     assert text(out["result"]).startswith("Not done: %s would" % tool)
-    assert platform.requests == []
+    assert platform_calls(platform) == []

@@ -16,8 +16,9 @@ def test_initialize_echoes_each_supported_legacy_version():
         assert reply["id"] == 0
         assert reply["result"] == {
             "protocolVersion": version,
-            "capabilities": {"tools": {"listChanged": False}},
+            "capabilities": {"tools": {"listChanged": False}, "prompts": {"listChanged": False}},
             "serverInfo": {"name": "kvmfleet-mcp", "title": "KVM Fleet", "version": kv.__version__},
+            "instructions": kv.INSTRUCTIONS,
         }
 
 
@@ -230,7 +231,8 @@ def test_discover_answers_before_any_initialize():
     reply = rpc(make_server(initialize=None), "server/discover", modern(), id="discover-1")
     assert reply["result"] == {
         "supportedVersions": ["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"],
-        "capabilities": {"tools": {}},
+        "capabilities": {"tools": {}, "prompts": {}},
+        "instructions": kv.INSTRUCTIONS,
         "ttlMs": kv.LIST_TTL_MS, "cacheScope": "private", "resultType": "complete",
         "_meta": {"io.modelcontextprotocol/serverInfo": {"name": "kvmfleet-mcp", "title": "KVM Fleet",
                                                          "version": kv.__version__}},

@@ -60,6 +60,8 @@ def huge(size: int) -> Action:
 
 
 OK = send(reply(200, b'{"ok":true}', Content_Type="application/json"))
+# Answered aside, outside the script: the token-scope question a server with writes asks once.
+ASIDE = {"/v1/tokens/current": send(reply(200, b'{"scope":"write","role":"operator"}'))}
 HTML_500 = b"<html><body><h1>Internal Server Error</h1><p>upstream db01 is down</p></body></html>"
 # Headers and part of a chunked body, then the connection is closed: a drop mid-body.
 DROPPED = send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n400\r\n" + b'{"items":[1,' * 20)
@@ -91,6 +93,7 @@ class Loopback:
         self.actions = actions
         self.tls = tls
         self.requests: List[Dict[str, Any]] = []
+        self.aside: List[Dict[str, Any]] = []
         self.sent = 0
         self.connections = 0
         self.stopped = threading.Event()
@@ -121,7 +124,10 @@ class Loopback:
             if self.tls:
                 conn = self.tls.wrap_socket(conn, server_side=True)
             request = read_request(conn)
-            if request is not None:
+            if request is not None and request["target"] in ASIDE:
+                self.aside.append(request)
+                ASIDE[request["target"]](self, conn, request)
+            elif request is not None:
                 with self.lock:
                     self.requests.append(request)
                     n = len(self.requests) - 1
@@ -182,7 +188,7 @@ def serve():
     yield start
     for server, role in made:
         server.close()
-        for request in server.requests:
+        for request in server.requests + server.aside:
             if role == "api":
                 assert request["headers"]["authorization"] == "Bearer " + CANARY
             elif role == "other" or request["method"] == "CONNECT":
@@ -207,6 +213,7 @@ def mcp(api: str, writes: bool = False, **env: str) -> kv.Server:
     settings.update(env)
     server = kv.Server(make_config(**settings))
     assert "result" in rpc(server, "initialize", INIT, id=0)
+    assert "tools" in rpc(server, "tools/list", id=0)["result"]  # as a client does; settles which tools
     return server
 
 

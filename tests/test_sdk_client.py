@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from conftest import SERVER, require, server_env
+from conftest import SERVER, platform_calls, require, server_env
 
 require(importlib.util.find_spec("mcp") is not None, "the MCP Python SDK (pip install mcp==2.3.0)")
 import anyio  # noqa: E402
@@ -89,7 +89,7 @@ def test_writes_through_the_sdk_with_confirm_and_the_platforms_refusals(platform
     async def script(client):
         names = [t.name for t in (await client.list_tools()).tools]
         unconfirmed = await client.call_tool("power_action", {"device_id": "dev_srv_pdx_3", "action": "cycle"})
-        sent_before_confirm = len(platform.requests)
+        sent_before_confirm = len(platform_calls(platform))
         confirmed = await client.call_tool("power_action",
                                            {"device_id": "dev_srv_pdx_3", "action": "cycle", "confirm": True})
         mounted = await client.call_tool("mount_iso", {"device_id": "dev_srv_pdx_3", "iso_id": "iso_ubuntu_2404",
@@ -137,4 +137,4 @@ def test_hidden_write_tools_cannot_be_called_through_the_sdk(platform, mode):
 
     message = run_client(mode, server_env(platform.url, "kvmf_demo_admin"), script)["value"]
     assert "Unknown tool: power_action" in message
-    assert platform.requests == []
+    assert platform_calls(platform) == []

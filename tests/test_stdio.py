@@ -134,7 +134,9 @@ def test_check_reports_reachable_authenticated_and_write_mode(platform):
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
     assert "reachable: yes" in out and "authenticated: yes" in out and "write mode: off" in out
-    assert platform.requests[-1]["query"] == {"limit": ["1"]}
+    assert [(r["path"], r["query"]) for r in platform.requests] == [
+        ("/v1/devices", {"limit": ["1"]}), ("/v1/tokens/current", {})]
+    assert "token: role viewer, scope write" in out and "org: the token's own" in out
 
 
 def test_check_with_a_bad_token_says_not_authenticated(platform):
