@@ -434,7 +434,7 @@ def test_a_page_of_many_small_items_is_cut_to_the_result_cap_quickly(serve):
     page = json.dumps({"items": [{"id": "d%d" % n} for n in range(30_000)]}).encode()  # 0.5 MB
     platform = serve(send(reply(200, page, Content_Type="application/json")))
     result, took = tool(mcp(platform.url), "list_isos")
-    assert len(text_of(result)) <= 50_000 and took < 1.5
+    assert len(text_of(result)) <= 50_000 and took < 3  # 30,000 items: ~5 s when it was quadratic
 
 
 def test_a_connection_dropped_mid_body_is_a_tool_error_and_a_read_is_tried_three_times(serve):
