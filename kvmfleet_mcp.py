@@ -561,7 +561,7 @@ def fit(data: Any, limit: int) -> str:
 
 
 def text_result(text: str, is_error: bool = False) -> JSON:
-    """A tools/call result with one text block."""
+    """A tools/call result with one text block: tokens redacted, hidden characters made visible."""
     result: JSON = {"content": [{"type": "text", "text": visible(redact(text))}]}
     if is_error:
         result["isError"] = True
@@ -894,7 +894,9 @@ def _read_bounded(response: Any, seconds: float) -> bytes:
             raise ToolError(
                 "KVM Fleet's answer is larger than %d MiB; it was not read to the end. "
                 "Ask for fewer items with limit." % (MAX_BODY_BYTES // (1024 * 1024)))
-        # Security: neither is a trickle that keeps each read under the timeout.
+        # Security: nor one that trickles in: each read has the read timeout,
+        # and the whole answer this deadline, checked as each chunk arrives
+        # (so a platform that trickles is cut at its next 64 KiB).
         if time.monotonic() > deadline:
             raise ToolError("KVM Fleet's answer did not arrive in full within %g s." % seconds)
         chunks.append(chunk)

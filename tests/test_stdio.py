@@ -50,12 +50,18 @@ def test_an_overlong_line_is_discarded_and_the_next_one_served():
     assert out[1]["error"]["code"] == -32600 and "longer than" in out[1]["error"]["message"]
 
 
-def test_eof_on_stdin_exits_0_promptly():
+def initialized_process():
+    """A live server that has answered initialize."""
     proc = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=unreachable_env())
     proc.stdin.write(INITIALIZE)
     proc.stdin.flush()
     assert json.loads(proc.stdout.readline())["id"] == 0
+    return proc
+
+
+def test_eof_on_stdin_exits_0_promptly():
+    proc = initialized_process()
     proc.stdin.close()
     assert proc.wait(timeout=10) == 0
     proc.stdout.close()
@@ -63,11 +69,7 @@ def test_eof_on_stdin_exits_0_promptly():
 
 
 def test_sigterm_exits_0_while_waiting_for_input():
-    proc = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=unreachable_env())
-    proc.stdin.write(INITIALIZE)
-    proc.stdin.flush()
-    assert json.loads(proc.stdout.readline())["id"] == 0
+    proc = initialized_process()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
     assert proc.stderr.read() == b""
