@@ -778,6 +778,7 @@ class Reply(NamedTuple):
     location: str  # the Location header of a redirect, else ""
     retries: int = 0  # how many times a read was tried again before this answer
     idempotency_key: str = ""  # what a write sent, so a person can find it
+    retry_after: str = ""  # the platform's Retry-After header, passed on
 
 
 class Platform:
@@ -846,19 +847,24 @@ class Platform:
                 raise ToolError(_network_failure(self.config, method, path, exc)) from None
             try:
                 with response:
-                    content = _read_bounded(response, timeout[1])
+                    # urllib3 1.x takes an answer cut short of its Content-Length as whole.
+                    response.raw.enforce_content_length = True
+                    content = _read_bounded(response, timeout[1], method)
             except requests.exceptions.ChunkedEncodingError as exc:  # dropped mid-answer
                 if last:
                     raise ToolError(_network_failure(self.config, method, path, exc)) from None
                 time.sleep(RETRY_BACKOFF * (1 << attempt))
                 continue
-            except requests.RequestException:  # a stall mid-answer: not worth waiting again
+            except requests.ConnectionError:  # how requests reports a stall mid-answer
                 raise ToolError("%s %s: KVM Fleet at %s stopped sending its answer for %g s. %s" % (
-                    method, path, self.config.api, self.config.read_timeout, _outcome(method))) from None
+                    method, path, self.config.api, timeout[1], _outcome(method))) from None
+            except requests.RequestException as exc:  # an answer that cannot be decoded
+                raise ToolError(_network_failure(self.config, method, path, exc)) from None
             wait = _retry_delay(response, attempt)
             if last or wait is None:
                 return Reply(response.status_code, response.reason or "", content,
-                             response.headers.get("Location", ""), attempt, headers.get("Idempotency-Key", ""))
+                             response.headers.get("Location", ""), attempt, headers.get("Idempotency-Key", ""),
+                             response.headers.get("Retry-After", ""))
             time.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -883,7 +889,7 @@ def _retry_delay(response: Any, attempt: int) -> Optional[float]:
     return max(wait, 0.0) if wait <= RETRY_AFTER_CAP else None
 
 
-def _read_bounded(response: Any, seconds: float) -> bytes:
+def _read_bounded(response: Any, seconds: float, method: str) -> bytes:
     deadline = time.monotonic() + seconds
     chunks = []
     size = 0
@@ -891,9 +897,9 @@ def _read_bounded(response: Any, seconds: float) -> bytes:
         size += len(chunk)
         # Security: a huge or endless answer is not read to the end.
         if size > MAX_BODY_BYTES:
-            raise ToolError(
-                "KVM Fleet's answer is larger than %d MiB; it was not read to the end. "
-                "Ask for fewer items with limit." % (MAX_BODY_BYTES // (1024 * 1024)))
+            raise ToolError("KVM Fleet answered HTTP %d with more than %d MiB; it was not read to the end. %s" % (
+                response.status_code, MAX_BODY_BYTES // (1024 * 1024),
+                "Ask for fewer items with limit." if method == "GET" else _outcome(method)))
         # Security: nor one that trickles in: each read has the read timeout,
         # and the whole answer this deadline, checked as each chunk arrives
         # (so a platform that trickles is cut at its next 64 KiB).
@@ -924,6 +930,8 @@ def _network_failure(config: Config, method: str, path: str, exc: Exception) -> 
         outcome = "The request was not sent."
     elif isinstance(exc, requests.exceptions.ChunkedEncodingError):
         kind = "lost the connection mid-answer from"
+    elif exc.args and type(exc.args[0]).__name__ == "ProtocolError":  # urllib3's: sent, then cut
+        kind = "lost the connection before an answer from"
     elif not isinstance(exc, requests.exceptions.ConnectionError):
         kind = "failed talking to"
     return "%s %s %s KVM Fleet at %s (%s: %s). %s" % (
@@ -942,8 +950,10 @@ def reply_result(method: str, path: str, reply: Reply, config: Config) -> JSON:
             % (where, reply.status, reply.reason, bounded(target, 200), config.api), True)
     if reply.status >= 400 or reply.status < 200:
         tries = " (tried %d times)" % (reply.retries + 1) if reply.retries else ""
-        return text_result("KVM Fleet refused %s: HTTP %d %s%s\n%s" % (
-            where, reply.status, reply.reason, tries, bounded(text, MAX_ERROR_TEXT)), True)
+        wait = " (Retry-After: %s, how long it asks you to wait before trying again)" % bounded(
+            reply.retry_after, 40) if reply.retry_after else ""
+        return text_result("KVM Fleet refused %s: HTTP %d %s%s%s\n%s" % (
+            where, reply.status, reply.reason, tries, wait, bounded(text, MAX_ERROR_TEXT)), True)
     if not reply.body.strip():
         return text_result('{"status":%d,"body":null}' % reply.status)
     try:
@@ -1274,7 +1284,8 @@ class Server:
         return self._one_page("prompts", listing, params, modern)
 
     def _prompts_get(self, params: JSON, modern: Optional[str]) -> JSON:
-        prompt = self.prompts().get(params.get("name"))  # type: ignore[arg-type]
+        name = params.get("name")
+        prompt = self.prompts().get(name) if isinstance(name, str) else None
         given = params.get("arguments") or {}
         if prompt is None:
             raise ProtocolError(INVALID_PARAMS, "Unknown prompt: %s" % bounded(str(params.get("name")), 100))

@@ -188,7 +188,7 @@ def test_oversized_answer_is_not_read_to_the_end(monkeypatch):
     monkeypatch.setattr(kv, "MAX_BODY_BYTES", 1000)
     responses.add("GET", API + "/v1/isos", body="[" + "1," * 2000 + "1]")
     result = call(make_server(), "list_isos")
-    assert result["isError"] and "larger than" in text_of(result)
+    assert result["isError"] and "with more than 0 MiB; it was not read to the end" in text_of(result)
 
 
 @responses.activate
