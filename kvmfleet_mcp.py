@@ -469,8 +469,12 @@ def build_path(template: str, args: JSON) -> str:
         name, rest = part.split("}", 1)
         # Security: quote with no safe characters, so "/", "?", "#", "%",
         # ":" and control characters in an id cannot leave its segment or
-        # turn "<id>:approve" into another verb.
-        path += quote(str(args.pop(name)), safe="") + rest
+        # turn "<id>:approve" into another verb; and refuse the segments
+        # that URL libraries collapse (the id pattern already does).
+        segment = quote(str(args.pop(name)), safe="")
+        if segment in ("", ".", ".."):
+            raise ToolError("%s=%r is not an id." % (name, segment))
+        path += segment + rest
     return path
 
 

@@ -200,6 +200,7 @@ ERAS = st.sampled_from([None, "2025-11-25", kv.BATCH_VERSION])  # None: stateles
 
 
 def tools_call(call: Tuple[kv.Tool, Tuple[Any, bool]], request_id: Any, meta: Any = None) -> bytes:
+    """A well-formed tools/call request for one generated (tool, (arguments, valid))."""
     params = {"name": call[0].name, "arguments": call[1][0]}
     return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
                        "params": params if meta is None else dict(params, _meta=meta)}).encode()

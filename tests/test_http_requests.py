@@ -114,6 +114,13 @@ def test_path_traversal_and_verb_forging_cannot_leave_the_id_segment(hostile, se
         "/v1/access-grants/%s:revoke" % segment
 
 
+@pytest.mark.parametrize("collapsing", ["", ".", ".."])
+def test_ids_that_url_libraries_collapse_are_refused_even_past_the_schema(collapsing):
+    # Security: requests would turn /v1/devices/.. into /v1/; the second guard refuses it.
+    with pytest.raises(kv.ToolError, match="is not an id"):
+        kv.build_path("/v1/devices/{device_id}/power", {"device_id": collapsing})
+
+
 @responses.activate
 def test_an_id_with_a_colon_cannot_forge_another_verb():
     responses.add("POST", API + "/v1/access-grants/gr_1%3Arevoke:approve", json={})
