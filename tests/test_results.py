@@ -105,3 +105,15 @@ def test_log_lines_escape_control_characters_so_they_cannot_be_forged(capsys):
     kv.log("tool x\nkvmfleet-mcp: forged line\x1b[31m\u202e")
     err = capsys.readouterr().err
     assert err == "kvmfleet-mcp: tool x\\u000akvmfleet-mcp: forged line\\u001b[31m\\u202e\n"
+
+
+@pytest.mark.parametrize("ascii_only", [True, False])
+@responses.activate
+def test_a_result_is_no_bigger_than_105_percent_of_the_platforms_body(ascii_only):
+    # The performance budget on size: results cost the model's context, so nothing is sent twice.
+    body = json.dumps(DEVICES if ascii_only else dict(DEVICES, site="Zürich 日本"), ensure_ascii=ascii_only,
+                      indent=None if ascii_only else 2).encode()
+    responses.add("GET", API + "/v1/devices", body=body, content_type="application/json")
+    result = call(server_with_cap(10_000_000), "list_devices")
+    assert len(result["content"]) == 1 and "structuredContent" not in result
+    assert len(text_of(result).encode()) <= 1.05 * len(body)
