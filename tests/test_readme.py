@@ -39,3 +39,11 @@ def test_the_quick_start_demo_runs_and_shows_the_platform_enforcing(tmp_path):
     assert '"status":"offline"' in compact and '"framework":"nis2"' in compact and '"ok":true' in compact
     assert "Not done: power_action would" in out and "jit_required" in out and "four_eyes" in out
     assert '"status":"accepted"' in compact and '"status":"acknowledged"' in compact
+
+
+def test_every_test_the_security_model_names_exists():
+    named = set(re.findall(r"`(test_\w+)`", README))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M))
+    assert len(named) >= 15 and named <= defined, named - defined
