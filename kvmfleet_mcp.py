@@ -38,11 +38,15 @@ destructive calls also need `confirm: true`, which is never sent on. Every
 argument is checked against its schema, and ids are percent-quoted so that
 they cannot leave their path segment. The token goes only to KVMFLEET_API:
 redirects are not followed, TLS is always verified, plain http is refused
-unless the host is loopback, and the environment's netrc and CA overrides
-are ignored. The token is never written to stdout, stderr or a result.
-The platform still enforces RBAC, policy, JIT, 4-eyes and its audit log;
-its refusals reach the model verbatim. There is no eval, no subprocess,
-no file written, and nothing listens on a port.
+unless the host is loopback (or KVMFLEET_ALLOW_INSECURE_HTTP=true), and the
+environment's netrc and CA overrides are ignored. The token is never
+written to stdout, stderr or a result, and is redacted wherever the
+platform might echo it. Answers are read within a size and time bound,
+results are capped (cut at whole items, saying so), and characters that
+could hide text from a person are shown as \\uXXXX. The platform still
+enforces RBAC, policy, JIT, 4-eyes and its audit log; its refusals reach
+the model verbatim. There is no eval, no subprocess, no file written, and
+nothing listens on a port.
 """
 from __future__ import annotations
 
@@ -1135,7 +1139,8 @@ class Server:
         if self._tools is None:
             writes = self.config.allow_writes
             if writes:
-                # Never during initialize (no network there); once, here, bounded.
+                # Security: a read-only token hides the write tools, whatever the
+                # environment says. Asked once, here, bounded; never in initialize.
                 info, said = token_scope(self.platform, client_tag(self.client_info))
                 if info is None:
                     log("token scope unknown (%s); write tools follow KVMFLEET_MCP_ALLOW_WRITES" % said)
