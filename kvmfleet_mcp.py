@@ -785,7 +785,6 @@ class Reply(NamedTuple):
     body: bytes
     location: str  # the Location header of a redirect, else ""
     retries: int = 0  # how many times a read was tried again before this answer
-    idempotency_key: str = ""  # what a write sent, so a person can find it
     retry_after: str = ""  # the platform's Retry-After header, passed on
 
 
@@ -871,8 +870,7 @@ class Platform:
             wait = _retry_delay(response, attempt)
             if last or wait is None:
                 return Reply(response.status_code, response.reason or "", content,
-                             response.headers.get("Location", ""), attempt, headers.get("Idempotency-Key", ""),
-                             response.headers.get("Retry-After", ""))
+                             response.headers.get("Location", ""), attempt, response.headers.get("Retry-After", ""))
             time.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
