@@ -298,7 +298,7 @@ TOOLS: Final = (
                         "description": "Framework slug, e.g. nis2."},
           "period": {"type": "string", "pattern": r"^[0-9]{4}-(0[1-9]|1[0-2])$(?!\n)",
                      "description": "Month as YYYY-MM; default the current month (UTC)."}},
-         ("framework",), idempotent=True, defaults=(("period", _current_month),)),
+         ("framework",), defaults=(("period", _current_month),)),
     # Write tools: hidden unless KVMFLEET_MCP_ALLOW_WRITES is exactly "true".
     Tool("power_action", "Power action",
          "Power a device on, off, off_hard (cut power), cycle or reboot. "
@@ -1085,11 +1085,15 @@ def resolve_durations(args: JSON, now: float) -> str:
         value = args.get(name)
         if isinstance(value, str) and re.search(DURATION_PATTERN, value):
             seconds = int(value[:-1]) * DURATION_SECONDS[value[-1]]
-            args[name] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - seconds))
+            args[name] = _utc(now - seconds)
             said.append("%s=%s (%s before now)" % (name, args[name], value))
     if not said:
         return ""
-    return "Time window used: %s; now is %s." % (", ".join(said), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+    return "Time window used: %s; now is %s." % (", ".join(said), _utc(now))
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def token_scope(platform: Platform, client: str) -> Tuple[Optional[JSON], str]:
