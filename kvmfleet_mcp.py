@@ -23,6 +23,9 @@ Environment:
     KVMFLEET_ALLOW_INSECURE_HTTP   exactly "true" to allow http:// off loopback
     KVMFLEET_MCP_TOOLS          comma-separated allow-list of tools to offer
     KVMFLEET_ORG_ID             MSP: the one managed customer org every call is for
+    KVMFLEET_MCP_CONFIRM        "human": destructive calls need a person's click (elicitation)
+    KVMFLEET_MCP_CONFIRM_TIMEOUT  seconds a person has to answer (default 300)
+    KVMFLEET_MCP_AUDIT_LOG      JSONL file: one line per tool call (mode 0600, appended)
     HTTPS_PROXY, NO_PROXY       honoured if the client config passes them
 
 Stdio contract: newline-delimited JSON-RPC 2.0 in UTF-8, read from stdin
@@ -34,7 +37,10 @@ that carry their version in `_meta`. EOF on stdin or SIGTERM exits 0.
 SECURITY: the server holds a token that can power-cycle production hosts,
 so it trusts neither the model nor the data it reads. Write tools are not
 even advertised unless KVMFLEET_MCP_ALLOW_WRITES is exactly "true";
-destructive calls also need `confirm: true`, which is never sent on. Every
+destructive calls also need `confirm: true`, which is never sent on, or,
+when the client can ask its user (elicitation), a person's click; with
+KVMFLEET_MCP_CONFIRM=human only the click counts. Before asking or refusing,
+reads show what the call would touch. Every
 argument is checked against its schema, and ids are percent-quoted so that
 they cannot leave their path segment. The token goes only to KVMFLEET_API:
 redirects are not followed, TLS is always verified, plain http is refused
@@ -46,7 +52,8 @@ results are capped (cut at whole items, saying so), and characters that
 could hide text from a person are shown as \\uXXXX. The platform still
 enforces RBAC, policy, JIT, 4-eyes and its audit log; its refusals reach
 the model verbatim. There is no eval, no subprocess, no file written, and
-nothing listens on a port.
+nothing listens on a port. The only file written is the optional record of
+agent actions, which holds no token and no request or response bodies.
 """
 from __future__ import annotations
 
@@ -119,6 +126,16 @@ RETRY_AFTER_CAP: Final = 10.0  # a longer Retry-After is passed on, not waited f
 LIST_TTL_MS: Final = 3_600_000
 # How long the token-scope question may delay the first tools/list.
 SCOPE_TIMEOUT: Final = 2.0
+# Each read that previews what a destructive call would touch: one try, this bound.
+PREVIEW_TIMEOUT: Final = 5.0
+# How many open sessions or active grants a preview names (and the page it reads).
+PREVIEW_ITEMS: Final = 10
+PREVIEW_PAGE: Final = 500
+# Elicitation (asking the client's user) exists from this revision on.
+ELICITATION_SINCE: Final = "2025-06-18"
+# The key of our one input request (2026-07-28) and the field of its form.
+ASK_KEY: Final = "confirm_action"
+ASK_FIELD: Final = "approve"
 
 # Ids are opaque to us, but the platform's are plain tokens. Starting with
 # a letter or digit rules out "." and ".." (which URL libraries collapse).
@@ -175,6 +192,10 @@ class ProtocolError(McpError):
 
 class ToolError(McpError):
     """A tool call that failed in a way the model can read and act on."""
+
+
+class Abandoned(McpError):
+    """The client cancelled the call while its user was being asked: no reply is sent."""
 
 
 ###############################################################################
@@ -650,6 +671,9 @@ class Config(NamedTuple):
     max_result_chars: int
     tools: Optional[Tuple[str, ...]] = None  # KVMFLEET_MCP_TOOLS, None: all
     org_id: Optional[str] = None  # KVMFLEET_ORG_ID: every call is for this customer org
+    human_only: bool = False  # KVMFLEET_MCP_CONFIRM=human: confirm: true alone is not enough
+    confirm_timeout: float = 300.0  # how long a person has to answer
+    audit_log: Optional[str] = None  # KVMFLEET_MCP_AUDIT_LOG: the record of agent actions
 
     @classmethod
     def from_env(cls, env: Dict[str, str]) -> Config:
@@ -670,6 +694,10 @@ class Config(NamedTuple):
             raise ConfigError("Set KVMFLEET_TOKEN or KVMFLEET_TOKEN_FILE, not both.")
         _check_api_url(api, env.get("KVMFLEET_ALLOW_INSECURE_HTTP") == "true")
         ca_bundle = env.get("KVMFLEET_CA_BUNDLE") or None
+        confirm = env.get("KVMFLEET_MCP_CONFIRM", "").strip()
+        if confirm not in ("", "model", "human"):
+            raise ConfigError("KVMFLEET_MCP_CONFIRM=%s: give human (a person must confirm destructive "
+                              "calls) or model (confirm: true is enough; the default)." % confirm[:40])
         if ca_bundle is not None and not os.path.isfile(ca_bundle):
             raise ConfigError("KVMFLEET_CA_BUNDLE=%s is not a readable file." % ca_bundle)
         config = cls(
@@ -683,6 +711,9 @@ class Config(NamedTuple):
             max_result_chars=int(_number(env, "KVMFLEET_MCP_MAX_RESULT_CHARS", 50_000, 10_000_000, 1000)),
             tools=_tool_allow_list(env.get("KVMFLEET_MCP_TOOLS", "")),
             org_id=_org_id(env.get("KVMFLEET_ORG_ID", "").strip()),
+            human_only=confirm == "human",
+            confirm_timeout=_number(env, "KVMFLEET_MCP_CONFIRM_TIMEOUT", 300.0, 3600),
+            audit_log=env.get("KVMFLEET_MCP_AUDIT_LOG", "").strip() or None,
         )
         if token:
             _keep_secret(token)
@@ -692,9 +723,10 @@ class Config(NamedTuple):
             except ToolError as exc:
                 raise ConfigError(str(exc)) from None
             # Security: say so when others on this host can read the token.
-            if os.name == "posix" and os.stat(token_file).st_mode & 0o077:
-                log("warning: KVMFLEET_TOKEN_FILE=%s is readable by group or others; "
-                    "chmod 600 it." % token_file)
+            _warn_if_shared("KVMFLEET_TOKEN_FILE", token_file)
+        if config.audit_log:
+            # Security: others on this host should not read who did what either.
+            _warn_if_shared("KVMFLEET_MCP_AUDIT_LOG", config.audit_log)
         return config
 
     def bearer(self) -> str:
@@ -711,6 +743,15 @@ class Config(NamedTuple):
             raise ToolError("KVMFLEET_TOKEN_FILE=%s is empty." % self.token_file)
         _keep_secret(token)
         return token
+
+
+def _warn_if_shared(name: str, path: str) -> None:
+    try:
+        shared = os.name == "posix" and os.stat(path).st_mode & 0o077
+    except OSError:
+        return  # not there (yet): the audit log is created 0600 on first use
+    if shared:
+        log("warning: %s=%s is readable by group or others; chmod 600 it." % (name, path))
 
 
 def _tool_allow_list(raw: str) -> Optional[Tuple[str, ...]]:
@@ -786,6 +827,7 @@ class Reply(NamedTuple):
     location: str  # the Location header of a redirect, else ""
     retries: int = 0  # how many times a read was tried again before this answer
     retry_after: str = ""  # the platform's Retry-After header, passed on
+    request_id: str = ""  # the platform's X-Request-Id header, for the record of agent actions
 
 
 class Platform:
@@ -817,11 +859,12 @@ class Platform:
         return self._http
 
     def call(self, method: str, path: str, query: Optional[List[Tuple[str, str]]] = None,
-             body: Optional[JSON] = None, client: str = "", write: bool = False,
+             body: Optional[JSON] = None, client: str = "", key: str = "",
              quick: Optional[float] = None) -> Reply:
         """Make one call, trying a read again on a passing fault; ToolError if unreachable.
 
-        quick: a single try bounded to that many seconds (the token-scope probe).
+        key: a write's Idempotency-Key (a write is tried once). quick: a single
+        try bounded to that many seconds (the token-scope probe, previews).
         """
         import requests  # loaded by _session(); this only binds the name
 
@@ -831,14 +874,14 @@ class Platform:
         if body is not None:
             data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
-        if write:
+        if key:
             # Security: a write is sent once, never retried; the key lets
             # the platform drop a duplicate and a person find the audit row.
-            headers["Idempotency-Key"] = os.urandom(16).hex()
+            headers["Idempotency-Key"] = key
         session = self._session()
         timeout = (quick, quick) if quick else (self.config.connect_timeout, self.config.read_timeout)
-        for attempt in range(1 if write or quick else 1 + READ_RETRIES):
-            last = write or bool(quick) or attempt == READ_RETRIES
+        for attempt in range(1 if key or quick else 1 + READ_RETRIES):
+            last = bool(key or quick) or attempt == READ_RETRIES
             try:
                 # Security: allow_redirects=False: a 3xx is reported, never
                 # followed, so the token goes to KVMFLEET_API and nowhere else.
@@ -870,7 +913,8 @@ class Platform:
             wait = _retry_delay(response, attempt)
             if last or wait is None:
                 return Reply(response.status_code, response.reason or "", content,
-                             response.headers.get("Location", ""), attempt, response.headers.get("Retry-After", ""))
+                             response.headers.get("Location", ""), attempt, response.headers.get("Retry-After", ""),
+                             _header_safe(response.headers.get("X-Request-Id")))
             time.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -1044,8 +1088,13 @@ def check_arguments(tool: Tool, args: JSON) -> None:
         " %s: %s" % (where, prop["description"]) if prop else ""))
 
 
-def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
-    """Validate, gate and make the one REST call behind a tool."""
+# approve(tool, args, confirmed, entry): None when a destructive call may go
+# ahead, else the result that asks a person (it raises ToolError to refuse).
+Approve = Callable[[Tool, JSON, bool, JSON], Optional[JSON]]
+
+
+def call_tool(tool: Tool, args: JSON, platform: Platform, client: str, approve: Approve, entry: JSON) -> JSON:
+    """Validate, gate and make the one REST call behind a tool; entry collects the record of it."""
     check_arguments(tool, args)
     try:
         json.dumps(args, ensure_ascii=False).encode()
@@ -1055,12 +1104,15 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
     # 5.0 passed as an integer; the platform gets 5.
     args = {name: int(value) if type(value) is float else value for name, value in args.items()}
     confirmed = args.pop("confirm", False) is True  # Security: never sent on
-    if needs_confirm(tool, args) and not confirmed:
-        # Security: nothing is sent until the call says confirm: true.
-        raise ToolError(
-            "Not done: %s would %s. Nothing was sent to KVM Fleet. Ask the user to approve "
-            "this exact action; if they do, call %s again with the same arguments and "
-            '"confirm": true.' % (tool.name, tool.effect.format(**args), tool.name))
+    # The record names what was targeted, never free text (a reason, a search).
+    entry["targets"] = {name: value for name, value in args.items()
+                        if "pattern" in tool.properties[name] or "enum" in tool.properties[name]}
+    if needs_confirm(tool, args):
+        # Security: nothing is written until the call is confirmed as this
+        # server's settings and the client's abilities demand.
+        question = approve(tool, args, confirmed, entry)
+        if question is not None:
+            return question
     for name, make in tool.defaults:
         args.setdefault(name, make())
     window = resolve_durations(args, time.time())
@@ -1071,11 +1123,146 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str) -> JSON:
         query += [(name, query_value(args[name])) for name in tool.properties if name in args]
     else:
         body = args
-    reply = platform.call(tool.method, path, query or None, body, client, tool.write)
+    key = os.urandom(16).hex() if tool.write else ""
+    said = "Request id: %s (sent as its Idempotency-Key; quote it to find this call in KVM Fleet's " \
+           "audit log)." % key
+    entry["request_id"] = key or None
+    try:
+        reply = platform.call(tool.method, path, query or None, body, client, key)
+    except ToolError as exc:
+        raise ToolError("%s\n%s" % (exc, said) if key else str(exc)) from None
+    entry.update(status=reply.status, platform_request_id=reply.request_id or None)
     result = reply_result(tool.method, path, reply, platform.config)
-    if window and not result.get("isError"):
-        result["content"].append({"type": "text", "text": window})
+    for extra in (window if not result.get("isError") else "", said if key else ""):
+        if extra:
+            result["content"].append({"type": "text", "text": extra})
     return result
+
+
+def impact(args: JSON, platform: Platform, client: str) -> str:
+    """What a destructive call would touch, from reads made now; a failed read is said, not skipped."""
+    lines = []
+    if "device_id" in args:
+        device_id = args["device_id"]
+        device = _read(platform, client, "device %s" % device_id, "/v1/devices/" + quote(device_id, safe=""))
+        if isinstance(device, dict):
+            device = "device %s (%s): status %s, power %s" % (
+                _shown(device.get("name")), device_id, _shown(device.get("status")), _shown(device.get("power_state")))
+        lines.append(device)
+        where = [("device_id", device_id)]
+        lines.append(_listed(platform, client, "console sessions open on it", "/v1/console-sessions",
+                             where + [("open_only", "true")], None, _session_line))
+        lines.append(_listed(platform, client, "active access grants on it", "/v1/access-grants",
+                             where + [("status", "active")], None, _grant_line))
+    if "grant_id" in args:
+        lines.append(_listed(platform, client, "access grant", "/v1/access-grants",
+                             [("status", "active")], args["grant_id"], _grant_line, "active grants"))
+    if "session_id" in args:
+        lines.append(_listed(platform, client, "console session", "/v1/console-sessions",
+                             [("open_only", "true")], args["session_id"], _session_line, "open sessions"))
+    return "What it would touch, read from KVM Fleet just now:\n" + "\n".join("- " + line for line in lines)
+
+
+def _read(platform: Platform, client: str, what: str, path: str,
+          query: Optional[List[Tuple[str, str]]] = None) -> Union[JSON, str]:
+    """One preview read: the answer's JSON object, or a sentence saying why there is none."""
+    try:
+        reply = platform.call("GET", path, query, None, client, quick=PREVIEW_TIMEOUT)
+    except ToolError as exc:
+        return "could not read %s: %s" % (what, bounded(str(exc), 300))
+    try:
+        data = json.loads(reply.body) if 200 <= reply.status < 300 else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return "could not read %s: HTTP %d %s %s" % (
+            what, reply.status, reply.reason, bounded(reply.body.decode("utf-8", "replace"), 300))
+    return data
+
+
+def _listed(platform: Platform, client: str, what: str, path: str, query: List[Tuple[str, str]],
+            wanted: Optional[str], describe: Callable[[JSON], str], among: str = "") -> str:
+    """A line on the items of one list read: all of them (up to PREVIEW_ITEMS), or the one wanted."""
+    page = _read(platform, client, what, path, query + [("limit", str(PREVIEW_PAGE if wanted else PREVIEW_ITEMS))])
+    if isinstance(page, str):
+        return page
+    items = [item for item in page.get("items") or [] if isinstance(item, dict)]
+    if wanted is not None:
+        found = [item for item in items if item.get("id") == wanted]
+        if not found:
+            return "%s %s is not among the first %d %s KVM Fleet listed" % (what, wanted, PREVIEW_PAGE, among)
+        return "%s %s: %s" % (what, wanted, describe(found[0]))
+    more = " (and more)" if page.get("next_cursor") else ""
+    return "%s: %s%s" % (what, "; ".join(describe(item) for item in items) or "none", more)
+
+
+def _session_line(session: JSON) -> str:
+    return "%s on device %s since %s%s" % (_shown(session.get("user")), _shown(session.get("device_id")),
+                                           _shown(session.get("started_at")), _age(session.get("started_at")))
+
+
+def _grant_line(grant: JSON) -> str:
+    return "%s's access to device %s until %s (%s)" % (
+        _shown(grant.get("requester")), _shown(grant.get("device_id")), _shown(grant.get("expires_at")),
+        _shown(grant.get("id")))
+
+
+def _shown(value: Any) -> str:
+    """Platform data in a sentence: bounded, quoted when it is text (it may hold anything)."""
+    if isinstance(value, str):
+        return json.dumps(bounded(value, 80), ensure_ascii=False)
+    return "unknown" if value is None else bounded(str(value), 80)
+
+
+def _age(stamp: Any) -> str:
+    """', open for 9 h 3 min' from an RFC 3339 UTC time, or '' when it cannot be read."""
+    import calendar
+
+    try:
+        seconds = time.time() - calendar.timegm(time.strptime(str(stamp)[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return ""
+    return ", open for %d h %d min" % (seconds // 3600, seconds % 3600 // 60) if seconds >= 0 else ""
+
+
+def write_record(path: str, entry: JSON) -> None:
+    """Append one line to the record of agent actions; a failure is logged and the call goes on."""
+    line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+    try:
+        # Security: created 0600 and only ever appended to; it holds no
+        # token and no bodies, only who called which tool on what, and how.
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(handle, line + b"\n")
+        finally:
+            os.close(handle)
+    except OSError as exc:
+        log("could not append to KVMFLEET_MCP_AUDIT_LOG=%s (%s); the call went on" % (path, exc.strerror))
+
+
+def asks_forms(capabilities: Any) -> bool:
+    """Whether client capabilities offer form elicitation ({} counts as form, as the spec says)."""
+    ask = capabilities.get("elicitation") if isinstance(capabilities, dict) else None
+    return isinstance(ask, dict) and (not ask or isinstance(ask.get("form"), dict))
+
+
+def verdict(answer: Any) -> Tuple[str, str]:
+    """What a person's elicitation answer means: ("", "accept") only for accept with the box ticked."""
+    action = answer.get("action") if isinstance(answer, dict) else None
+    content = answer.get("content") if isinstance(answer, dict) else None
+    if action == "accept" and isinstance(content, dict) and content.get(ASK_FIELD) is True:
+        return "", "accept"
+    if action == "accept":
+        return "accepted without ticking the box", "accept unticked"
+    if action in ("decline", "cancel"):
+        return ("declined" if action == "decline" else "dismissed the question"), str(action)
+    return "gave an answer this server does not understand", "malformed"
+
+
+def _digest(args: JSON) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(args, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def resolve_durations(args: JSON, now: float) -> str:
@@ -1124,6 +1311,15 @@ class Server:
         self.platform = platform or Platform(config)
         self.legacy_version: Optional[str] = None  # set by initialize
         self.client_info: Optional[JSON] = None
+        self.client_capabilities: JSON = {}
+        self.channel: Optional[Channel] = None  # set by serve(): how a person is asked mid-call
+        self._request_id: Any = None  # of the request being handled
+        self._asked = 0  # elicitation requests sent, for their ids
+        # Security: requestState is signed with this secret of the process
+        # (and the token), so a client cannot forge or alter a person's "yes";
+        # each "yes" is spent once (nonce -> expiry).
+        self._key = os.urandom(32)
+        self._spent: Dict[str, float] = {}
         self._tools: Optional[Dict[str, Tool]] = None  # decided once: see offered()
         self._listing: Optional[List[JSON]] = None
         self._methods: Dict[str, Callable[[JSON, Optional[str]], JSON]] = {
@@ -1200,13 +1396,16 @@ class Server:
             handler = self._methods.get(method)
             if handler is None:
                 raise ProtocolError(METHOD_NOT_FOUND, "Method not found: %s" % bounded(method, 100))
+            self._request_id = request_id
             result = handler(params, modern)
             if modern is not None:
-                result["resultType"] = "complete"
+                result.setdefault("resultType", "complete")
                 result.setdefault("_meta", {})[META_SERVER] = self._server_info()
             return {"jsonrpc": "2.0", "id": request_id, "result": result}
         except ProtocolError as exc:
             return error_response(request_id, exc.code, str(exc), exc.data)
+        except Abandoned:
+            return None  # the client cancelled it: a cancelled request gets no reply
         except Exception:  # noqa: BLE001 - the one catch-all, at the boundary
             import traceback  # only ever needed here
 
@@ -1250,6 +1449,8 @@ class Server:
         self.legacy_version = requested if requested in LEGACY_VERSIONS else NEWEST_LEGACY
         client = params.get("clientInfo")
         self.client_info = client if isinstance(client, dict) else None
+        capabilities = params.get("capabilities")
+        self.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         return {
             "protocolVersion": self.legacy_version,
             "capabilities": {"tools": {"listChanged": False}, "prompts": {"listChanged": False}},
@@ -1325,13 +1526,185 @@ class Server:
         tool = self.offered().get(name)
         if tool is None:
             raise ProtocolError(INVALID_PARAMS, "Unknown tool: %s" % bounded(name, 100))
-        client = self.client_info
-        if modern is not None:
-            client = params["_meta"].get(META_CLIENT)
+        client = self.client_info if modern is None else params["_meta"].get(META_CLIENT)
+        tag, call_id, started = client_tag(client), self._request_id, time.monotonic()
+        entry: JSON = {"time": _utc(time.time()), "client": {
+            "name": _header_safe(client.get("name")) if isinstance(client, dict) else "",
+            "version": _header_safe(client.get("version")) if isinstance(client, dict) else ""},
+            "tool": tool.name, "write": tool.write}
+
+        def approve(tool: Tool, args: JSON, confirmed: bool, entry: JSON) -> Optional[JSON]:
+            return self._approve(tool, args, confirmed, entry, params, modern, call_id, tag)
+
         try:
-            return call_tool(tool, args, self.platform, client_tag(client))
-        except ToolError as exc:
-            return text_result(str(exc), is_error=True)
+            try:
+                result = call_tool(tool, args, self.platform, tag, approve, entry)
+            except ToolError as exc:
+                result = text_result(str(exc), is_error=True)
+        except Abandoned:
+            self._record(entry, started, "cancelled by the client")
+            raise
+        self._record(entry, started, "asked a person" if result.get("resultType") == "input_required"
+                     else "error" if result.get("isError") else "done")
+        return result
+
+    def _record(self, entry: JSON, started: float, outcome: str) -> None:
+        if self.config.audit_log:
+            entry.update(outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1))
+            write_record(self.config.audit_log, entry)
+
+    # -- confirmation by a person ---------------------------------------------
+
+    def _approve(self, tool: Tool, args: JSON, confirmed: bool, entry: JSON, params: JSON,
+                 modern: Optional[str], call_id: Any, client: str) -> Optional[JSON]:
+        """None when this destructive call may go ahead; a question for a person; or ToolError."""
+        what = "%s would %s" % (tool.name, tool.effect.format(**args))
+        capabilities = params["_meta"].get(META_CAPABILITIES) if modern else self.client_capabilities
+        if asks_forms(capabilities) and (modern or str(self.legacy_version) >= ELICITATION_SINCE):
+            entry["confirmation"] = {"by": "person"}
+            if modern:
+                return self._ask_later(tool, args, params, what, entry, client)
+            self._ask_now(tool, args, what, entry, call_id, client)
+            return None
+        entry["confirmation"] = {"by": "model", "answer": "confirm" if confirmed else "missing"}
+        if confirmed and not self.config.human_only:
+            return None
+        if self.config.human_only:
+            # Security: a model can write confirm: true as easily as an id.
+            why = ("This server takes only a person's confirmation for it (KVMFLEET_MCP_CONFIRM=human), and "
+                   "this client cannot ask one: it did not offer elicitation (form mode, protocol %s or later). "
+                   "confirm: true is not enough. Tell the user; they can do it in the KVM Fleet console or "
+                   "from a client that supports elicitation." % ELICITATION_SINCE)
+        else:
+            why = ('Ask the user to approve this exact action; if they do, call %s again with the same '
+                   'arguments and "confirm": true.' % tool.name)
+        raise ToolError("Not done: %s. No write was sent to KVM Fleet. %s\n%s" % (
+            what, why, impact(args, self.platform, client)))
+
+    def _form(self, tool: Tool, args: JSON, client: str) -> JSON:
+        """The elicitation/create params: what would happen, what it touches, one box to tick."""
+        message = ("An AI assistant (%s) asks to %s.\n%s\nApprove only if you want exactly this; "
+                   "anything else sends nothing." % (client, tool.effect.format(**args),
+                                                     impact(args, self.platform, client)))
+        params: JSON = {"mode": "form", "message": visible(redact(message)), "requestedSchema": {
+            "type": "object", "required": [ASK_FIELD], "properties": {ASK_FIELD: {
+                "type": "boolean", "title": "Approve: %s" % tool.title, "default": False,
+                "description": "Tick to let the assistant %s." % tool.effect.format(**args)}}}}
+        if self.legacy_version == ELICITATION_SINCE:
+            del params["mode"]  # that revision's form has no mode field
+        return params
+
+    def _ask_now(self, tool: Tool, args: JSON, what: str, entry: JSON, call_id: Any, client: str) -> None:
+        """Ask the client's user in the middle of this tools/call; ToolError unless they approve."""
+        if self.channel is None:
+            raise ToolError("Not done: %s, and there is no stdio channel to ask the user on." % what)
+        self._asked += 1
+        ask_id = "%s-confirm-%d" % (SERVER_NAME, self._asked)
+        self.channel.write(encode({"jsonrpc": "2.0", "id": ask_id, "method": "elicitation/create",
+                                   "params": self._form(tool, args, client)}))
+        reply = self._wait_for(self.channel, ask_id, call_id)
+        if reply is None:
+            # Let the client close its dialog: an answer now would be ignored.
+            self.channel.write(encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {
+                "requestId": ask_id, "reason": "no answer within %g s" % self.config.confirm_timeout}}))
+            why, label = "did not answer within %g s" % self.config.confirm_timeout, "timeout"
+        elif "result" in reply:
+            why, label = verdict(reply["result"])
+        else:
+            why, label = "could not be asked (the client answered %s)" % bounded(
+                json.dumps(reply.get("error"))[:200], 200), "error"
+        entry["confirmation"]["answer"] = label
+        if why:
+            raise ToolError("Not done: %s, and the user %s. No write was sent to KVM Fleet. Do not try "
+                            "again unless the user asks you to." % (what, why))
+
+    def _wait_for(self, channel: Channel, ask_id: str, call_id: Any) -> Optional[JSON]:
+        """The client's response to our request ask_id, serving pings meanwhile; None on timeout."""
+        deadline = time.monotonic() + self.config.confirm_timeout
+        while True:
+            line = channel.read(max(deadline - time.monotonic(), 0.0))
+            if line is None:
+                return None
+            if not line:  # stdin closed: nobody is left to answer
+                return {"error": "end of input"}
+            try:
+                message = parse_line(line)
+            except (ValueError, RecursionError):
+                message = None
+            if isinstance(message, dict):
+                if message.get("id") == ask_id and "method" not in message:
+                    return message
+                if message.get("method") == "ping" and "id" in message:
+                    channel.write(self.handle_line(line) or b"")
+                    continue
+                cancelled = message.get("params")
+                if (message.get("method") == "notifications/cancelled" and isinstance(cancelled, dict)
+                        and cancelled.get("requestId") == call_id):
+                    raise Abandoned()
+            # Anything else waits its turn: requests are answered in order, after this call.
+            channel.later.append(line)
+
+    def _ask_later(self, tool: Tool, args: JSON, params: JSON, what: str, entry: JSON,
+                   client: str) -> Optional[JSON]:
+        """2026-07-28: ask with an input_required result; go ahead on the retry that carries a yes."""
+        answers = params.get("inputResponses")
+        answer = answers.get(ASK_KEY) if isinstance(answers, dict) else None
+        if answer is None:
+            entry["confirmation"]["answer"] = "asked"
+            return {"resultType": "input_required", "requestState": self._seal(tool, args),
+                    "inputRequests": {ASK_KEY: {"method": "elicitation/create",
+                                                "params": self._form(tool, args, client)}}}
+        nonce, until = self._unseal(params.get("requestState"), tool, args, what)
+        why, label = verdict(answer)
+        entry["confirmation"]["answer"] = label
+        if why:
+            raise ToolError("Not done: %s, and the user %s. No write was sent to KVM Fleet. Do not try "
+                            "again unless the user asks you to." % (what, why))
+        now = time.time()
+        self._spent = {spent: end for spent, end in self._spent.items() if end >= now}
+        # Security: one person's yes makes one call; a replayed retry is refused.
+        if nonce in self._spent:
+            raise ToolError("Not done: %s. This approval was already used once; ask again." % what)
+        self._spent[nonce] = until
+        return None
+
+    def _seal(self, tool: Tool, args: JSON) -> str:
+        """requestState: which call a question is for and until when, signed."""
+        import base64
+
+        payload = json.dumps({"tool": tool.name, "args": _digest(args), "nonce": os.urandom(12).hex(),
+                              "until": time.time() + self.config.confirm_timeout}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(payload.encode()).decode() + "." + self._mac(payload)
+
+    def _mac(self, payload: str) -> str:
+        import hmac
+
+        # Security: keyed with this process's secret and bound to its token,
+        # so state from another process or principal fails verification.
+        return hmac.new(self._key, (payload + "\n" + self.config.bearer()).encode(), "sha256").hexdigest()
+
+    def _unseal(self, state: Any, tool: Tool, args: JSON, what: str) -> Tuple[str, float]:
+        """The nonce and expiry of a requestState we signed for exactly this call; else ToolError."""
+        import base64
+        import hmac
+
+        # Security: requestState comes back through the client, so it is
+        # attacker-controlled: verified before a byte of it is believed.
+        fields: Any = None
+        try:
+            encoded, mac = str(state).split(".")
+            payload = base64.urlsafe_b64decode(encoded.encode("ascii")).decode()
+            if hmac.compare_digest(mac.encode("ascii"), self._mac(payload).encode()):
+                fields = json.loads(payload)
+        except ValueError:  # includes bad base64, non-ASCII and undecodable bytes
+            fields = None
+        if not isinstance(fields, dict) or fields["tool"] != tool.name or fields["args"] != _digest(args):
+            raise ToolError("Not done: %s. The answer came with a requestState that this server did not "
+                            "issue for this tool and these arguments. No write was sent." % what)
+        if fields["until"] < time.time():
+            raise ToolError("Not done: %s. The user's answer came after %g s; ask again." % (
+                what, self.config.confirm_timeout))
+        return str(fields["nonce"]), float(fields["until"])
 
 
 ###############################################################################
@@ -1339,15 +1712,93 @@ class Server:
 ###############################################################################
 
 
-def serve(server: Server, stdin: IO[bytes], stdout: IO[bytes]) -> int:
-    """Answer stdin line by line until EOF; the exit status."""
+class Channel:
+    """Stdin as lines, stdout as messages."""
+
+    def __init__(self, stdin: Any, stdout: IO[bytes]) -> None:
+        # An unbuffered stdin (sys.stdin.buffer.raw): read(n) returns what has
+        # arrived. read1 where there is one, so a buffered stream works too.
+        self._read = getattr(stdin, "read1", None) or stdin.read
+        self._out = stdout
+        self._buffer = bytearray()
+        self._queue: Any = None  # lines from a reader thread, once a read needed a time limit
+        self._ended = False
+        self.later: List[bytes] = []  # lines put aside while a person was asked; served next
+
+    def write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._out.flush()
+
+    def next_line(self) -> bytes:
+        """The next line to serve (b"" at the end): put-aside lines first."""
+        return self.later.pop(0) if self.later else self.read() or b""
+
+    def read(self, timeout: Optional[float] = None) -> Optional[bytes]:
+        """The next stdin line (b"" at the end), or None when timeout seconds pass first."""
+        if self._ended:
+            return b""
+        if self._queue is None and timeout is None:
+            line = self._read_line()
+        else:
+            import queue
+
+            if self._queue is None:
+                # Waiting for a person's answer needs a read with a time limit;
+                # from then on a thread reads stdin and this takes its lines.
+                import threading
+
+                self._queue = queue.Queue()
+                threading.Thread(target=self._pump, daemon=True).start()
+            try:
+                line = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return None
+        self._ended = not line
+        return line
+
+    def _pump(self) -> None:
+        while True:
+            line = self._read_line()
+            self._queue.put(line)
+            if not line:
+                return
+
+    def _read_line(self) -> bytes:
+        """One line; a line over MAX_LINE_BYTES comes back cut there, its rest read and dropped."""
+        start = 0
+        while True:
+            end = self._buffer.find(b"\n", start)
+            # Security: a client cannot make the server buffer without bound.
+            if end > MAX_LINE_BYTES or end < 0 and len(self._buffer) > MAX_LINE_BYTES:
+                line = bytes(self._buffer[:MAX_LINE_BYTES + 1])
+                while end < 0:  # drop the rest as it arrives, 64 KiB at a time
+                    self._buffer[:] = self._read(65536)
+                    if not self._buffer:
+                        break
+                    end = self._buffer.find(b"\n")
+                del self._buffer[:end + 1]
+                return line
+            if end >= 0:
+                line = bytes(self._buffer[:end + 1])
+                del self._buffer[:end + 1]
+                return line
+            start = len(self._buffer)
+            chunk = self._read(65536)
+            if not chunk:  # the end: a last line without its newline still counts
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return line
+            self._buffer += chunk
+
+
+def serve(server: Server, stdin: Any, stdout: IO[bytes]) -> int:
+    """Answer stdin line by line until its end; the exit status."""
+    channel = server.channel = Channel(stdin, stdout)
     while True:
-        line = stdin.readline(MAX_LINE_BYTES + 1)
+        line = channel.next_line()
         if not line:
             return 0
         if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-            while line and not line.endswith(b"\n"):  # skip the rest, unread
-                line = stdin.readline(65536)
             out: Optional[bytes] = encode(error_response(
                 None, INVALID_REQUEST, "Message longer than %d bytes; it was discarded" % MAX_LINE_BYTES))
         elif not line.strip():
@@ -1355,8 +1806,7 @@ def serve(server: Server, stdin: IO[bytes], stdout: IO[bytes]) -> int:
         else:
             out = server.handle_line(line)
         if out is not None:
-            stdout.write(out)
-            stdout.flush()
+            channel.write(out)
 
 
 ###############################################################################
@@ -1387,7 +1837,9 @@ def _file_sha256() -> str:
 
 def _print(text: str) -> None:
     # CLI modes only (--version, --list-tools, --check): never while serving.
-    sys.stdout.write(text + "\n")
+    # Security: --check prints what the platform said; a terminal shows
+    # escape sequences, and the token must not show up echoed either.
+    sys.stdout.write(visible(redact(text)) + "\n")
 
 
 def _confirm_rule(tool: Tool) -> str:
@@ -1401,8 +1853,8 @@ def _list_tools(allow_writes: bool, only: Optional[Tuple[str, ...]]) -> None:
     for tool in advertised_tools(allow_writes, only):
         gate = "write, confirm %s" % _confirm_rule(tool) if tool.write else "read"
         _print("%-27s %-4s %-45s %s" % (tool.name, tool.method, tool.path, gate))
-    if not allow_writes:
-        hidden = sum(1 for tool in TOOLS if tool.write)
+    hidden = 0 if allow_writes else sum(1 for tool in advertised_tools(True, only) if tool.write)
+    if hidden:
         _print("(%d write tools hidden: KVMFLEET_MCP_ALLOW_WRITES is not exactly \"true\")" % hidden)
 
 
@@ -1467,7 +1919,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _check(config)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        return serve(Server(config), sys.stdin.buffer, sys.stdout.buffer)
+        # The raw stdin: a thread may read it while a person is asked, and
+        # a thread blocked in a buffered read would hold its lock at exit.
+        return serve(Server(config), getattr(sys.stdin.buffer, "raw", sys.stdin.buffer), sys.stdout.buffer)
     except (BrokenPipeError, KeyboardInterrupt):
         # The client went away: leave quietly, and keep Python's exit-time
         # flush of stdout from complaining about the closed pipe.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,20 @@ def call(server: kv.Server, name: str, **arguments: Any) -> Dict[str, Any]:
 
 
 def text_of(result: Dict[str, Any]) -> str:
-    assert [block["type"] for block in result["content"]] == ["text"]
-    return result["content"][0]["text"]
+    """The text of a result: one text block, plus the request-id block a write's result ends with."""
+    blocks = result["content"]
+    assert [block["type"] for block in blocks] == ["text"] * len(blocks)
+    assert len(blocks) == 1 or len(blocks) == 2 and REQUEST_ID.fullmatch(blocks[1]["text"]), blocks
+    return blocks[0]["text"]
+
+
+REQUEST_ID = re.compile(r"Request id: ([0-9a-f]{32}) \(sent as its Idempotency-Key; quote it to find this call "
+                        r"in KVM Fleet's audit log\)\.")
+
+
+def writes_sent(calls: List[Any]) -> List[Any]:
+    """The calls (responses' or the demo platform's) that were not reads."""
+    return [c for c in calls if (c["method"] if isinstance(c, dict) else c.request.method) != "GET"]
 
 
 @pytest.fixture(scope="session")

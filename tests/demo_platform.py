@@ -559,14 +559,17 @@ class DemoPlatform:
         return f"{prefix}_{self._seq:04d}"
 
     def _append_event(self, ts: str, actor: str, action: str, outcome: str,
-                      device_id: Optional[str], ip: str, client: Optional[str]) -> None:
-        """Append one audit event to the hash chain."""
+                      device_id: Optional[str], ip: str, client: Optional[str],
+                      request_id: Optional[str] = None) -> None:
+        """Append one audit event to the hash chain; request_id is the caller's Idempotency-Key."""
         prev = self.events[-1]["hash"] if self.events else GENESIS_HASH
         event: Dict[str, Any] = {"id": f"ev_{len(self.events) + 1:06d}", "ts": ts,
                                  "actor": actor, "action": action, "outcome": outcome,
                                  "device_id": device_id, "ip": ip}
         if client is not None:
             event["client"] = client
+        if request_id is not None:
+            event["request_id"] = request_id
         event["prev_hash"] = prev
         event["hash"] = _chain_hash(prev, event)
         self.events.append(event)
@@ -611,7 +614,8 @@ class DemoPlatform:
                 return status, body.encode("utf-8"), out
             status, payload = self._dispatch(method, raw_path, query, headers, raw, ip)
             data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        return status, data, {"Content-Type": JSON_TYPE}
+            # The audit row's id, as a real platform's X-Request-Id would lead to it.
+            return status, data, {"Content-Type": JSON_TYPE, "X-Request-Id": self.events[-1]["id"]}
 
     def _dispatch(self, method: str, raw_path: str, query: Dict[str, list],
                   headers: Dict[str, str], raw: bytes, ip: str) -> Tuple[int, Any]:
@@ -646,7 +650,7 @@ class DemoPlatform:
             status, payload = 500, {"error": {"code": "internal", "message": repr(exc)}}
         outcome = "success" if status < 300 else "denied" if status == 403 else "failure"
         self._append_event(_ts(_utcnow()), ctx.user, action, outcome, ctx.device_id, ctx.ip,
-                           ctx.client)
+                           ctx.client, headers.get("idempotency-key"))
         return status, payload
 
     def _route(self, method: str, raw_path: str) -> Tuple[Optional[tuple], Dict[str, str]]:

@@ -133,13 +133,26 @@ def test_an_unknown_tool_name_is_echoed_cut_to_100_characters():
 
 
 @responses.activate
-def test_a_destructive_call_without_confirm_says_exactly_what_it_would_do_and_sends_nothing():
+def test_a_destructive_call_without_confirm_says_exactly_what_it_would_do_and_touch_and_writes_nothing():
+    responses.add("GET", API + "/v1/devices/d1", json={"id": "d1", "name": "web-1", "status": "online",
+                                                       "power_state": "on"})
+    started = kv._utc(time.time() - 3700)  # open for 1 h 1 min (and 40 s)
+    responses.add("GET", API + "/v1/console-sessions", json={"items": [
+        {"id": "cs1", "user": "ann", "device_id": "d1", "started_at": started}], "next_cursor": "c2"})
+    responses.add("GET", API + "/v1/access-grants", status=503, body="busy")
     result = call(make_server(writes=True), "power_action", device_id="d1", action="cycle")
-    assert result["isError"] is True and text_of(result) == (
+    assert result["isError"] is True
+    assert text_of(result) == (
         "Not done: power_action would send power action 'cycle' to device d1, interrupting everything running "
-        "on it. Nothing was sent to KVM Fleet. Ask the user to approve this exact action; if they do, call "
-        'power_action again with the same arguments and "confirm": true.')
-    assert len(responses.calls) == 0
+        "on it. No write was sent to KVM Fleet. Ask the user to approve this exact action; if they do, call "
+        'power_action again with the same arguments and "confirm": true.\n'
+        "What it would touch, read from KVM Fleet just now:\n"
+        '- device "web-1" (d1): status "online", power "on"\n'
+        '- console sessions open on it: "ann" on device "d1" since "%s", open for 1 h 1 min (and more)\n'
+        "- could not read active access grants on it: HTTP 503 Service Unavailable busy" % started)
+    assert [(c.request.method, c.request.url.split("?")[-1]) for c in responses.calls] == [
+        ("GET", API + "/v1/devices/d1"), ("GET", "device_id=d1&open_only=true&limit=10"),
+        ("GET", "device_id=d1&status=active&limit=10")]
 
 
 # -- redirects -----------------------------------------------------------------------------------
@@ -616,14 +629,14 @@ class EndlessLine:
         self.left = length
         self.rest = io.BytesIO(then)
 
-    def readline(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > 65536:
             raise AssertionError("an unbounded read of a line that never ends")
         if self.left:
             piece = min(size, self.left)
             self.left -= piece
             return b"a" * piece
-        return self.rest.readline(size)
+        return self.rest.read(size)
 
 
 def ping(request_id: int, width: int = 0) -> bytes:

@@ -369,9 +369,14 @@ def test_only_valid_approved_tool_calls_reach_the_platform_each_id_quoted_into_i
     gated = tool.confirm == kv.ALWAYS or isinstance(tool.confirm, tuple) and isinstance(args, dict) and args.get(
         tool.confirm[0]) in tool.confirm[1]
     approved = not gated or isinstance(args, dict) and args.get("confirm") is True
-    calls = server.platform.calls
+    # A gated call that is not approved makes only the reads of its impact preview.
+    previews = [c for c in server.platform.calls if gated and c[0] == "GET"]
+    calls = [c for c in server.platform.calls if c not in previews]
     event("sent" if calls else "invalid" if not valid else "not approved" if reached else outcome(reply))
     assert len(calls) == (1 if reached and valid and approved else 0), (reply, calls)
+    assert bool(previews) == (reached and valid and gated and not approved), previews
+    for method, path, _, body in previews:
+        check_request(method, path, body)
     if calls:
         assert reply["result"]["content"][0]["text"].startswith("{}") and "isError" not in reply["result"]
         method, path, query, body = calls[0]

@@ -7,7 +7,7 @@ import pytest
 import responses
 
 import kvmfleet_mcp as kv
-from conftest import API, INIT, MODERN_META, make_config, make_server, rpc, text_of
+from conftest import API, INIT, MODERN_META, make_config, make_server, rpc, text_of, writes_sent
 
 
 def test_initialize_echoes_each_supported_legacy_version():
@@ -157,13 +157,13 @@ def test_bad_arguments_are_a_tool_error_the_model_can_act_on(args, fragment):
     {"device_id": "d1", "action": "cycle", "confirm": False},
 ])
 @responses.activate
-def test_power_cycle_without_confirm_sends_nothing(args):
+def test_power_cycle_without_confirm_writes_nothing(args):
     result = rpc(make_server(writes=True), "tools/call", {"name": "power_action", "arguments": args})["result"]
     text = text_of(result)
     assert result["isError"] and text.startswith("Not done: power_action would send power action '%s' to device d1"
                                                   % args["action"])
-    assert '"confirm": true' in text and "Nothing was sent" in text
-    assert len(responses.calls) == 0
+    assert '"confirm": true' in text and "No write was sent" in text
+    assert writes_sent(responses.calls) == [] and len(responses.calls) == 3  # the preview's reads
 
 
 @pytest.mark.parametrize("name,args", [
@@ -172,10 +172,10 @@ def test_power_cycle_without_confirm_sends_nothing(args):
     ("end_console_session", {"session_id": "s1"}),
 ])
 @responses.activate
-def test_every_destructive_tool_without_confirm_sends_nothing(name, args):
+def test_every_destructive_tool_without_confirm_writes_nothing(name, args):
     result = rpc(make_server(writes=True), "tools/call", {"name": name, "arguments": args})["result"]
     assert result["isError"] and text_of(result).startswith("Not done: %s would " % name)
-    assert len(responses.calls) == 0
+    assert writes_sent(responses.calls) == [] and len(responses.calls) >= 1
 
 
 def test_confirm_must_be_a_real_boolean():

@@ -1,0 +1,495 @@
+"""Issue 5: a person confirms destructive calls (elicitation, both eras), the impact preview, the record of agent actions.
+
+Driven through the real process with a scripted client that declares elicitation and answers each way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import stat
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from conftest import (INIT, MODERN_META, REQUEST_ID, SERVER, make_config, platform_calls, server_env, text_of,
+                      writes_sent)
+import kvmfleet_mcp as kv
+
+OPERATOR = "kvmf_demo_operator"  # olga.operator
+CYCLE = {"device_id": "dev_srv_pdx_3", "action": "cycle"}
+ASKS = {"elicitation": {}}  # form mode, as the spec reads an empty object
+FORM_SCHEMA = {"type": "object", "required": ["approve"], "properties": {"approve": {
+    "type": "boolean", "title": "Approve: Power action", "default": False,
+    "description": "Tick to let the assistant send power action 'cycle' to device dev_srv_pdx_3, interrupting "
+                   "everything running on it."}}}
+ACCEPT = {"action": "accept", "content": {"approve": True}}
+
+
+class Client:
+    """The real server on pipes, and a client that speaks one message at a time."""
+
+    def __init__(self, api: str, **env: str) -> None:
+        env.setdefault("KVMFLEET_MCP_ALLOW_WRITES", "true")
+        self.env = server_env(api, OPERATOR, **env)
+        self.proc = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=self.env)
+        self.inbox: "queue.Queue[bytes]" = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.inbox.put(raw)
+
+    def send(self, message: Dict[str, Any]) -> None:
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def recv(self, timeout: float = 15) -> Dict[str, Any]:
+        raw = self.inbox.get(timeout=timeout)
+        assert raw.endswith(b"\n") and b"\r" not in raw
+        return json.loads(raw)
+
+    def silent_for(self, seconds: float) -> bool:
+        try:
+            self.inbox.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
+
+    def initialize(self, version: str = "2025-11-25", capabilities: Optional[Dict[str, Any]] = None) -> None:
+        self.send({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                   "params": dict(INIT, protocolVersion=version, capabilities=capabilities or {})})
+        assert self.recv()["result"]["protocolVersion"] == version
+
+    def call(self, request_id: Any, name: str, arguments: Dict[str, Any], **params: Any) -> None:
+        self.send({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                   "params": dict(params, name=name, arguments=arguments)})
+
+    def close(self) -> str:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=15) == 0
+        err = self.proc.stderr.read().decode()
+        assert OPERATOR not in err
+        return err
+
+
+@pytest.fixture
+def client(platform):
+    opened: List[Client] = []
+
+    def start(**env: str) -> Client:
+        opened.append(Client(platform.url, **env))
+        return opened[-1]
+
+    yield start
+    for each in opened:
+        if each.proc.poll() is None:
+            each.proc.kill()
+            each.proc.wait()
+
+
+def asked(client: Client) -> Dict[str, Any]:
+    """The elicitation/create the server sent, checked for shape."""
+    request = client.recv()
+    assert request["method"] == "elicitation/create" and isinstance(request["id"], str)
+    return request
+
+
+def answer(client: Client, request: Dict[str, Any], result: Any) -> None:
+    client.send({"jsonrpc": "2.0", "id": request["id"], "result": result})
+
+
+def writes(platform) -> List[Dict[str, Any]]:
+    return writes_sent(platform_calls(platform))
+
+
+# -- the legacy era: elicitation/create in the middle of the call ---------------------------------
+
+
+def test_a_person_who_ticks_the_box_and_accepts_lets_the_power_cycle_through_once(client, platform):
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(2, "power_action", CYCLE)
+    request = asked(c)
+    params = request["params"]
+    assert params["mode"] == "form" and params["requestedSchema"] == FORM_SCHEMA
+    message = params["message"]
+    assert message.startswith("An AI assistant (kvmfleet-mcp/%s (pytest/1.0)) asks to send power action 'cycle' "
+                              "to device dev_srv_pdx_3, interrupting everything running on it.\n" % kv.__version__)
+    assert '- device "srv-pdx-3" (dev_srv_pdx_3): status "online", power "on"' in message
+    assert '- console sessions open on it: "olga.operator" on device "dev_srv_pdx_3" since ' in message
+    assert "- active access grants on it: none" in message
+    assert message.endswith("Approve only if you want exactly this; anything else sends nothing.")
+    assert writes(platform) == []
+    c.send({"jsonrpc": "2.0", "id": 3, "method": "ping"})  # answered while the person is asked
+    assert c.recv() == {"jsonrpc": "2.0", "id": 3, "result": {}}
+    answer(c, request, ACCEPT)
+    reply = c.recv()
+    assert reply["id"] == 2 and "isError" not in reply["result"]
+    assert json.loads(text_of(reply["result"]))["action"] == "cycle"
+    sent = writes(platform)
+    assert [(w["method"], w["path"], w["body"]) for w in sent] == [
+        ("POST", "/v1/devices/dev_srv_pdx_3/power", {"action": "cycle"})]
+    key = REQUEST_ID.fullmatch(reply["result"]["content"][1]["text"]).group(1)
+    assert sent[0]["headers"]["idempotency-key"] == key
+    c.close()
+
+
+@pytest.mark.parametrize("result,why", [
+    ({"action": "decline"}, "the user declined"),
+    ({"action": "cancel"}, "the user dismissed the question"),
+    ({"action": "accept", "content": {"approve": False}}, "the user accepted without ticking the box"),
+    ({"action": "accept", "content": {"approve": "true"}}, "the user accepted without ticking the box"),
+    ({"action": "accept"}, "the user accepted without ticking the box"),
+    ({"action": "yes"}, "the user gave an answer this server does not understand"),
+    ("accept", "the user gave an answer this server does not understand"),
+])
+def test_anything_but_accept_with_the_box_ticked_writes_nothing(client, platform, result, why):
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call("call-1", "end_console_session", {"session_id": "cs_pdx3_9h", "reason": "idle"})
+    answer(c, asked(c), result)
+    reply = c.recv()
+    assert reply["id"] == "call-1" and reply["result"]["isError"] is True
+    assert text_of(reply["result"]) == (
+        "Not done: end_console_session would end console session cs_pdx3_9h, disconnecting its user, and %s. "
+        "No write was sent to KVM Fleet. Do not try again unless the user asks you to." % why)
+    assert writes(platform) == []
+    c.close()
+
+
+def test_a_client_error_instead_of_an_answer_writes_nothing(client, platform):
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(2, "revoke_access", {"grant_id": "gr_db_migration"})
+    request = asked(c)
+    c.send({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "no UI"}})
+    text = text_of(c.recv()["result"])
+    assert "and the user could not be asked (the client answered " in text and "no UI" in text
+    assert writes(platform) == []
+    c.close()
+
+
+def test_nobody_answering_in_time_writes_nothing_and_the_client_is_told_to_close_the_question(client, platform):
+    c = client(KVMFLEET_MCP_CONFIRM_TIMEOUT="1")
+    c.initialize(capabilities=ASKS)
+    c.call(2, "power_action", CYCLE)
+    request = asked(c)
+    assert c.recv(timeout=5) == {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                 "params": {"requestId": request["id"], "reason": "no answer within 1 s"}}
+    reply = c.recv()
+    assert reply["id"] == 2 and "and the user did not answer within 1 s." in text_of(reply["result"])
+    answer(c, request, ACCEPT)  # too late: it is not an answer to anything now
+    c.send({"jsonrpc": "2.0", "id": 4, "method": "ping"})
+    assert c.recv() == {"jsonrpc": "2.0", "id": 4, "result": {}}
+    assert writes(platform) == []
+    c.close()
+
+
+def test_a_call_the_client_cancels_while_the_person_is_asked_gets_no_reply_and_writes_nothing(client, platform):
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(7, "power_action", CYCLE)
+    request = asked(c)
+    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 6}})  # not this call
+    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7, "reason": "user"}})
+    c.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+    assert c.recv() == {"jsonrpc": "2.0", "id": 8, "result": {}}  # and nothing for id 7
+    answer(c, request, ACCEPT)
+    assert c.silent_for(0.5)
+    assert writes(platform) == []
+    c.close()
+
+
+def test_requests_that_arrive_while_a_person_is_asked_are_answered_after_it_in_order(client, platform):
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(2, "power_action", CYCLE)
+    request = asked(c)
+    c.send({"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    c.call(4, "get_device_health", {"device_id": "dev_srv_pdx_3"})
+    assert c.silent_for(0.3)
+    answer(c, request, {"action": "decline"})
+    assert [c.recv()["id"] for _ in range(3)] == [2, 3, 4]
+    c.close()
+
+
+def test_a_2025_06_18_client_gets_the_form_without_the_later_mode_field(client):
+    c = client()
+    c.initialize("2025-06-18", ASKS)
+    c.call(2, "mount_iso", {"device_id": "dev_srv_pdx_3", "iso_id": "iso_ubuntu_2404"})
+    params = asked(c)["params"]
+    assert "mode" not in params and params["requestedSchema"]["required"] == ["approve"]
+    c.close()
+
+
+@pytest.mark.parametrize("version,capabilities", [
+    ("2025-11-25", {}),
+    ("2025-11-25", {"elicitation": {"url": {}}}),  # url mode only: no form to tick
+    ("2025-11-25", {"elicitation": True}),
+    ("2025-03-26", ASKS),  # elicitation came with 2025-06-18
+])
+def test_a_client_that_cannot_ask_its_user_gets_the_confirm_rule_with_a_preview(client, platform, version,
+                                                                               capabilities):
+    c = client()
+    c.initialize(version, capabilities)
+    c.call(2, "power_action", CYCLE)
+    reply = c.recv()
+    assert reply["id"] == 2 and text_of(reply["result"]).startswith("Not done: power_action would send")
+    assert '"confirm": true.\nWhat it would touch' in text_of(reply["result"])
+    c.call(3, "power_action", dict(CYCLE, confirm=True))
+    assert "isError" not in c.recv()["result"]
+    assert len(writes(platform)) == 1
+    c.close()
+
+
+# -- KVMFLEET_MCP_CONFIRM=human --------------------------------------------------------------------
+
+
+def test_human_mode_refuses_confirm_true_from_a_model_whose_client_cannot_ask(client, platform):
+    # Security: a prompt-injected model sets confirm: true as easily as an id.
+    c = client(KVMFLEET_MCP_CONFIRM="human")
+    c.initialize()
+    c.call(2, "power_action", dict(CYCLE, confirm=True))
+    text = text_of(c.recv()["result"])
+    assert text.startswith(
+        "Not done: power_action would send power action 'cycle' to device dev_srv_pdx_3, interrupting everything "
+        "running on it. No write was sent to KVM Fleet. This server takes only a person's confirmation for it "
+        "(KVMFLEET_MCP_CONFIRM=human), and this client cannot ask one: it did not offer elicitation (form mode, "
+        "protocol 2025-06-18 or later). confirm: true is not enough.")
+    assert '- device "srv-pdx-3" (dev_srv_pdx_3)' in text
+    c.call(3, "power_action", {"device_id": "dev_srv_pdx_3", "action": "on"})  # not destructive: unaffected
+    assert "isError" not in c.recv()["result"]
+    assert [w["body"] for w in writes(platform)] == [{"action": "on"}]
+    c.close()
+
+
+def test_human_mode_goes_ahead_when_a_person_accepts(client, platform):
+    c = client(KVMFLEET_MCP_CONFIRM="human")
+    c.initialize(capabilities=ASKS)
+    c.call(2, "power_action", CYCLE)
+    answer(c, asked(c), ACCEPT)
+    assert "isError" not in c.recv()["result"]
+    assert len(writes(platform)) == 1
+    c.close()
+
+
+def test_an_unknown_confirm_mode_stops_the_server_at_start():
+    with pytest.raises(kv.ConfigError, match="KVMFLEET_MCP_CONFIRM=humans: give human"):
+        make_config(KVMFLEET_MCP_CONFIRM="humans")
+
+
+# -- the 2026-07-28 era: input_required, then the retry -----------------------------------------
+
+
+def modern_meta(capabilities: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(MODERN_META, **{kv.META_CAPABILITIES: capabilities})
+
+
+def first_round(c: Client, request_id: Any = 1, arguments: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    c.call(request_id, "power_action", arguments or CYCLE, _meta=modern_meta(ASKS))
+    result = c.recv()["result"]
+    assert result["resultType"] == "input_required" and set(result) == {
+        "resultType", "inputRequests", "requestState", "_meta"}
+    ask = result["inputRequests"]["confirm_action"]
+    assert ask["method"] == "elicitation/create" and ask["params"]["mode"] == "form"
+    if arguments is None:
+        assert ask["params"]["requestedSchema"] == FORM_SCHEMA
+        assert '- device "srv-pdx-3" (dev_srv_pdx_3)' in ask["params"]["message"]
+    return result
+
+
+def retry(c: Client, request_id: Any, state: Any, response: Any, arguments: Optional[Dict[str, Any]] = None,
+          name: str = "power_action") -> Dict[str, Any]:
+    params: Dict[str, Any] = {"_meta": modern_meta(ASKS), "inputResponses": {"confirm_action": response}}
+    if state is not None:
+        params["requestState"] = state
+    c.call(request_id, name, arguments or CYCLE, **params)
+    reply = c.recv()
+    assert reply["id"] == request_id
+    return reply["result"]
+
+
+def test_a_2026_client_is_asked_with_input_required_and_the_accepting_retry_acts_once(client, platform):
+    c = client()
+    state = first_round(c)["requestState"]
+    assert writes(platform) == []
+    done = retry(c, 2, state, ACCEPT)
+    assert done["resultType"] == "complete" and "isError" not in done
+    assert len(writes(platform)) == 1
+    # Security: a replayed retry (same state, same yes) does not power-cycle twice.
+    again = retry(c, 3, state, ACCEPT)
+    assert again["isError"] and "This approval was already used once; ask again." in text_of(again)
+    assert len(writes(platform)) == 1
+    c.close()
+
+
+@pytest.mark.parametrize("tamper", ["flip a character", "another call's state", "none", "not base64", "number"])
+def test_a_forged_or_borrowed_request_state_is_refused(client, platform, tamper):
+    # Security: requestState comes back through the client: a forged "yes" must not act.
+    c = client()
+    state = first_round(c)["requestState"]
+    other = first_round(c, 9, {"device_id": "dev_lab_pikvm_1", "action": "off"})["requestState"]
+    forged = {"flip a character": state[:5] + ("A" if state[5] != "A" else "B") + state[6:],
+              "another call's state": other, "none": None, "not base64": "!!!.abc", "number": 5}[tamper]
+    result = retry(c, 2, forged, ACCEPT)
+    assert result["isError"] and text_of(result) == (
+        "Not done: power_action would send power action 'cycle' to device dev_srv_pdx_3, interrupting everything "
+        "running on it. The answer came with a requestState that this server did not issue for this tool and "
+        "these arguments. No write was sent.")
+    assert writes(platform) == []
+    c.close()
+
+
+def test_a_request_state_cannot_carry_a_yes_over_to_other_arguments(client, platform):
+    c = client()
+    state = first_round(c)["requestState"]
+    other_device = {"device_id": "dev_lab_pikvm_1", "action": "cycle"}
+    assert "did not issue for this tool and these arguments" in text_of(retry(c, 2, state, ACCEPT, other_device))
+    result = retry(c, 3, state, ACCEPT, {"session_id": "cs_pdx3_9h"}, "end_console_session")
+    assert "did not issue for this tool and these arguments" in text_of(result)
+    assert writes(platform) == []
+    c.close()
+
+
+def test_a_request_state_from_another_server_process_is_refused(client, platform):
+    state = first_round(client())["requestState"]
+    result = retry(client(), 2, state, ACCEPT)
+    assert "did not issue" in text_of(result) and writes(platform) == []
+
+
+def test_a_2026_decline_writes_nothing_and_a_retry_without_the_answer_asks_again(client, platform):
+    c = client()
+    state = first_round(c)["requestState"]
+    declined = retry(c, 2, state, {"action": "decline"})
+    assert declined["isError"] and "and the user declined. No write was sent" in text_of(declined)
+    c.call(3, "power_action", CYCLE, _meta=modern_meta(ASKS), requestState=state, inputResponses={})
+    assert c.recv()["result"]["resultType"] == "input_required"
+    assert writes(platform) == []
+    c.close()
+
+
+def test_a_2026_answer_after_the_time_limit_is_refused(client, platform):
+    c = client(KVMFLEET_MCP_CONFIRM_TIMEOUT="0.5")
+    state = first_round(c)["requestState"]
+    time.sleep(0.7)
+    result = retry(c, 2, state, ACCEPT)
+    assert "The user's answer came after 0.5 s; ask again." in text_of(result)
+    assert writes(platform) == []
+    c.close()
+
+
+def test_a_2026_client_without_elicitation_keeps_the_confirm_rule(client, platform):
+    c = client()
+    c.call(1, "power_action", dict(CYCLE, confirm=True), _meta=modern_meta({}))
+    result = c.recv()["result"]
+    assert result["resultType"] == "complete" and "isError" not in result
+    assert len(writes(platform)) == 1
+    c.close()
+
+
+# -- the impact preview, from reads only ---------------------------------------------------------
+
+
+def preview_of(platform, name: str, fail: bool = False, **arguments: Any) -> str:
+    config = make_config(KVMFLEET_API=platform.url, KVMFLEET_TOKEN=OPERATOR, KVMFLEET_MCP_ALLOW_WRITES="true")
+    server = kv.Server(config)
+    server.handle({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT})
+    server.offered()  # the token-scope probe, out of the way
+    if fail:
+        platform.fail_next(503, "<html>maintenance</html>")
+    reply = server.handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                           "params": {"name": name, "arguments": arguments}})
+    assert reply is not None and reply["result"]["isError"] is True
+    assert writes(platform) == []
+    return text_of(reply["result"]).split("What it would touch, read from KVM Fleet just now:\n")[1]
+
+
+def test_revoking_a_grant_previews_whose_access_on_which_device(platform):
+    expires = platform.grants["gr_db_migration"]["expires_at"]
+    assert preview_of(platform, "revoke_access", grant_id="gr_db_migration") == (
+        '- access grant gr_db_migration: "omar.operator"\'s access to device "dev_db_fra_1" until "%s" '
+        '("gr_db_migration")' % expires)
+    assert preview_of(platform, "revoke_access", grant_id="gr_kernel_patch") == (
+        "- access grant gr_kernel_patch is not among the first 500 active grants KVM Fleet listed")
+
+
+def test_ending_a_session_previews_whose_it_is_and_how_long_it_has_been_open(platform):
+    text = preview_of(platform, "end_console_session", session_id="cs_pdx3_9h")
+    started = platform.sessions["cs_pdx3_9h"]["started_at"]
+    assert text == ('- console session cs_pdx3_9h: "olga.operator" on device "dev_srv_pdx_3" since "%s", '
+                    "open for 9 h 0 min" % started)
+
+
+def test_a_device_preview_names_its_open_sessions_and_active_grants(platform):
+    text = preview_of(platform, "mount_iso", device_id="dev_db_fra_1", iso_id="iso_ubuntu_2404")
+    lines = text.split("\n")
+    assert lines[0] == '- device "db-fra-1" (dev_db_fra_1): status "online", power "on"'
+    assert lines[1] == "- console sessions open on it: none"
+    assert lines[2].startswith('- active access grants on it: "omar.operator"\'s access to device "dev_db_fra_1"')
+
+
+def test_a_failed_preview_read_is_said_and_the_call_is_still_refused(platform):
+    text = preview_of(platform, "power_action", fail=True, **CYCLE)
+    assert text.split("\n")[0] == ("- could not read device dev_srv_pdx_3: HTTP 503 Service Unavailable "
+                                   "<html>maintenance</html>")
+    assert len(platform_calls(platform)) == 3  # one try each: a preview does not retry
+
+
+# -- the record of agent actions ---------------------------------------------------------------------
+
+
+def test_the_record_has_one_line_per_call_is_private_and_holds_no_token_or_body(client, platform, tmp_path):
+    path = tmp_path / "agent.jsonl"
+    c = client(KVMFLEET_MCP_AUDIT_LOG=str(path))
+    c.initialize(capabilities=ASKS)
+    c.call(1, "list_devices", {"q": "pdx-secret-search"})
+    c.recv()
+    c.call(2, "end_console_session", {"session_id": "cs_pdx3_9h", "reason": "reason-not-for-the-record"})
+    answer(c, asked(c), ACCEPT)
+    done = c.recv()["result"]
+    c.call(3, "power_action", CYCLE)
+    answer(c, asked(c), {"action": "decline"})
+    c.recv()
+    c.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    raw = path.read_text()
+    assert OPERATOR not in raw and "secret-search" not in raw and "reason-not-for-the-record" not in raw
+    rows = [json.loads(text) for text in raw.splitlines()]
+    for row in rows:
+        assert set(row) >= {"time", "client", "tool", "targets", "write", "outcome", "duration_ms"}
+        assert row["client"] == {"name": "pytest", "version": "1.0"}
+    read, ended, refused = rows
+    assert (read["tool"], read["write"], read["targets"], read["status"], read["outcome"]) == (
+        "list_devices", False, {}, 200, "done")
+    assert read["request_id"] is None and read["platform_request_id"].startswith("ev_")
+    key = REQUEST_ID.fullmatch(done["content"][1]["text"]).group(1)
+    row = [e for e in platform.events if e.get("request_id") == key]
+    assert len(row) == 1  # the key in the result leads to the platform's audit row
+    assert ended == dict(ended, tool="end_console_session", write=True, targets={"session_id": "cs_pdx3_9h"},
+                         confirmation={"by": "person", "answer": "accept"}, status=200, request_id=key,
+                         platform_request_id=row[0]["id"], outcome="done")
+    assert refused == dict(refused, tool="power_action", targets=CYCLE, outcome="error",
+                           confirmation={"by": "person", "answer": "decline"})
+    assert "status" not in refused and "request_id" not in refused
+
+
+def test_a_record_that_cannot_be_written_is_logged_and_the_call_goes_on(client, tmp_path):
+    c = client(KVMFLEET_MCP_AUDIT_LOG=str(tmp_path))  # a directory
+    c.initialize()
+    c.call(1, "list_isos", {})
+    assert "isError" not in c.recv()["result"]
+    assert "could not append to KVMFLEET_MCP_AUDIT_LOG=%s (Is a directory); the call went on" % tmp_path in c.close()
+
+
+def test_a_record_readable_by_others_is_warned_about_at_start(tmp_path, capsys):
+    path = tmp_path / "agent.jsonl"
+    path.write_text("")
+    path.chmod(0o644)
+    make_config(KVMFLEET_MCP_AUDIT_LOG=str(path))
+    assert "KVMFLEET_MCP_AUDIT_LOG=%s is readable by group or others; chmod 600 it." % path in capsys.readouterr().err
