@@ -1186,7 +1186,8 @@ def _listed(platform: Platform, client: str, what: str, path: str, query: List[T
     page = _read(platform, client, what, path, query + [("limit", str(PREVIEW_PAGE if wanted else PREVIEW_ITEMS))])
     if isinstance(page, str):
         return page
-    items = [item for item in page.get("items") or [] if isinstance(item, dict)]
+    items = page.get("items")
+    items = [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
     if wanted is not None:
         found = [item for item in items if item.get("id") == wanted]
         if not found:

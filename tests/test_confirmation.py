@@ -15,9 +15,10 @@ import time
 from typing import Any, Dict, List, Optional
 
 import pytest
+import responses
 
-from conftest import (INIT, MODERN_META, REQUEST_ID, SERVER, make_config, platform_calls, server_env, text_of,
-                      writes_sent)
+from conftest import (API, INIT, MODERN_META, REQUEST_ID, SERVER, make_config, make_server, platform_calls,
+                      server_env, text_of, writes_sent)
 import kvmfleet_mcp as kv
 
 OPERATOR = "kvmf_demo_operator"  # olga.operator
@@ -493,3 +494,12 @@ def test_a_record_readable_by_others_is_warned_about_at_start(tmp_path, capsys):
     path.chmod(0o644)
     make_config(KVMFLEET_MCP_AUDIT_LOG=str(path))
     assert "KVMFLEET_MCP_AUDIT_LOG=%s is readable by group or others; chmod 600 it." % path in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("page", [{"items": 5}, {"items": "abc"}, {"items": [1, None, "x"]}, {}])
+def test_a_preview_survives_a_list_answer_of_the_wrong_shape(page):
+    with responses.RequestsMock() as mock:
+        mock.add("GET", API + "/v1/access-grants", json=page)
+        result = make_server(writes=True).handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "revoke_access", "arguments": {"grant_id": "g1"}}})["result"]
+    assert text_of(result).endswith("- access grant g1 is not among the first 500 active grants KVM Fleet listed")

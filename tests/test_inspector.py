@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Tuple
 import pytest
 
 from conftest import SERVER, make_server, require, rpc, platform_calls
+from conftest import text_of as text, writes_sent
 
 require(shutil.which("npx") is not None, "node/npx (for the MCP Inspector CLI)")
 
@@ -60,11 +61,6 @@ def call_args(tool: str, arguments: Dict[str, Any]) -> Tuple[str, ...]:
     return ("--method", "tools/call", "--tool-name", tool, "--tool-args-json", json.dumps(arguments))
 
 
-def text(result: Dict[str, Any]) -> str:
-    assert [block["type"] for block in result["content"]] == ["text"]
-    return result["content"][0]["text"]
-
-
 @pytest.mark.parametrize("writes,count", [(False, 11), (True, 21)])
 def test_the_inspector_lists_the_servers_tools_in_order_with_all_four_hints(platform, inspector, writes, count):
     status, out, _ = inspector(platform.url, "kvmf_demo_viewer", "--method", "tools/list", writes=writes)
@@ -100,10 +96,11 @@ def test_a_confirmed_write_through_the_inspector_posts_once_without_confirm(plat
 
 
 @pytest.mark.parametrize("tool,arguments,sent,answer", WRITES)
-def test_an_unconfirmed_write_is_a_tool_error_exit_5_and_sends_nothing(platform, inspector, tool, arguments,
+def test_an_unconfirmed_write_is_a_tool_error_exit_5_and_writes_nothing(platform, inspector, tool, arguments,
                                                                         sent, answer):
     status, out, stderr = inspector(platform.url, "kvmf_demo_operator", *call_args(tool, arguments), writes=True)
     assert status == 5 and "tool_is_error" in stderr
     assert out["result"]["isError"] is True
     assert text(out["result"]).startswith("Not done: %s would" % tool)
-    assert platform_calls(platform) == []
+    assert "What it would touch" in text(out["result"])
+    assert writes_sent(platform_calls(platform)) == []

@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from conftest import SERVER, platform_calls, require, server_env
+from conftest import REQUEST_ID, SERVER, platform_calls, require, server_env, writes_sent
 
 require(importlib.util.find_spec("mcp") is not None, "the MCP Python SDK (pip install mcp==2.3.0)")
 import anyio  # noqa: E402
@@ -40,7 +40,9 @@ def run_client(mode: str, env: Dict[str, str], script: Any) -> Any:
 
 
 def text(result: Any) -> str:
-    assert len(result.content) == 1 and result.content[0].type == "text"
+    """The first text block; a write's result may end with its request-id block, nothing else."""
+    assert all(block.type == "text" for block in result.content)
+    assert len(result.content) == 1 or len(result.content) == 2 and REQUEST_ID.fullmatch(result.content[1].text)
     return result.content[0].text
 
 
@@ -89,7 +91,7 @@ def test_writes_through_the_sdk_with_confirm_and_the_platforms_refusals(platform
     async def script(client):
         names = [t.name for t in (await client.list_tools()).tools]
         unconfirmed = await client.call_tool("power_action", {"device_id": "dev_srv_pdx_3", "action": "cycle"})
-        sent_before_confirm = len(platform_calls(platform))
+        sent_before_confirm = len(writes_sent(platform_calls(platform)))  # preview reads only
         confirmed = await client.call_tool("power_action",
                                            {"device_id": "dev_srv_pdx_3", "action": "cycle", "confirm": True})
         mounted = await client.call_tool("mount_iso", {"device_id": "dev_srv_pdx_3", "iso_id": "iso_ubuntu_2404",
