@@ -37,18 +37,32 @@ class Client:
     def __init__(self, api: str, **env: str) -> None:
         env.setdefault("KVMFLEET_MCP_ALLOW_WRITES", "true")
         self.env = server_env(api, OPERATOR, **env)
-        self.proc = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=self.env)
+        self.start()
         self.inbox: "queue.Queue[bytes]" = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=self.env)
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+
+    def finish(self) -> str:
+        """Wait for the server to exit 0 after stdin closed; its stderr."""
+        assert self.proc.wait(timeout=15) == 0
+        return self.proc.stderr.read().decode()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def _pump(self) -> None:
-        for raw in iter(self.proc.stdout.readline, b""):
+        for raw in iter(self.stdout.readline, b""):
             self.inbox.put(raw)
 
     def send(self, message: Dict[str, Any]) -> None:
-        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
-        self.proc.stdin.flush()
+        self.stdin.write(json.dumps(message).encode() + b"\n")
+        self.stdin.flush()
 
     def recv(self, timeout: float = 15) -> Dict[str, Any]:
         raw = self.inbox.get(timeout=timeout)
@@ -72,26 +86,53 @@ class Client:
                    "params": dict(params, name=name, arguments=arguments)})
 
     def close(self) -> str:
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=15) == 0
-        err = self.proc.stderr.read().decode()
+        self.stdin.close()
+        err = self.finish()
         assert OPERATOR not in err
         return err
 
 
-@pytest.fixture
-def client(platform):
+class InProcessClient(Client):
+    """The same conversation with serve() on a thread of this process (so mutation testing sees it)."""
+
+    capfd: Any = None
+
+    def start(self) -> None:
+        config = kv.Config.from_env(self.env)
+        server_in, self.stdin = os.pipe()
+        self.stdout, server_out = os.pipe()
+        self.stdin, self.stdout = open(self.stdin, "wb"), open(self.stdout, "rb")
+        self.status: List[int] = []
+
+        def run() -> None:
+            with open(server_in, "rb", buffering=0) as stdin, open(server_out, "wb") as stdout:
+                self.status.append(kv.serve(kv.Server(config), stdin, stdout))
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def finish(self) -> str:
+        self.thread.join(timeout=15)
+        assert self.status == [0]
+        return self.capfd.readouterr().err
+
+    def kill(self) -> None:
+        if not self.stdin.closed:
+            self.stdin.close()
+
+
+@pytest.fixture(params=[Client, InProcessClient], ids=["process", "in-process"])
+def client(request, platform, capfd):
     opened: List[Client] = []
 
     def start(**env: str) -> Client:
-        opened.append(Client(platform.url, **env))
+        request.param.capfd = capfd
+        opened.append(request.param(platform.url, **env))
         return opened[-1]
 
     yield start
     for each in opened:
-        if each.proc.poll() is None:
-            each.proc.kill()
-            each.proc.wait()
+        each.kill()
 
 
 def asked(client: Client) -> Dict[str, Any]:
