@@ -1011,9 +1011,9 @@ def reply_result(method: str, path: str, reply: Reply, config: Config) -> JSON:
     except (ValueError, RecursionError):
         return text_result("KVM Fleet answered %s with HTTP %d, but the body is not JSON:\n%s" % (
             where, reply.status, bounded(text, MAX_ERROR_TEXT)), True)
-    if len(text) <= config.max_result_chars and plain(text):
-        # Compact ASCII JSON, as a platform normally sends: passed on as it
-        # came, with nothing hidden in it and nothing to re-serialise.
+    if len(text) <= config.max_result_chars and (plain(text) or not HIDDEN_IN_TEXT.search(text)):
+        # JSON with nothing hidden in it, as a platform normally sends: passed
+        # on as it came, nothing to re-serialise (plain() is the fast test).
         return text_result(text)
     return text_result(fit(data, config.max_result_chars))
 

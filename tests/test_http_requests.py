@@ -173,10 +173,12 @@ def test_success_with_no_body_says_so():
 
 
 @responses.activate
-def test_results_are_compact_json_with_unicode_intact():
-    responses.add("GET", API + "/v1/devices/d1", body='{ "name" : "Küche-日本-🖥" ,\n "n": 1 }',
-                  content_type="application/json")
-    assert text_of(call(make_server(), "get_device_health", device_id="d1")) == '{"name":"Küche-日本-🖥","n":1}'
+def test_results_keep_unicode_intact_and_are_made_compact_only_when_something_is_hidden():
+    body = '{ "name" : "Küche-日本-🖥" ,\n "n": 1 }'
+    responses.add("GET", API + "/v1/devices/d1", body=body, content_type="application/json")
+    responses.add("GET", API + "/v1/devices/d2", body=body.replace("Küche", "K\u200bche"), content_type="application/json")
+    assert text_of(call(make_server(), "get_device_health", device_id="d1")) == body
+    assert text_of(call(make_server(), "get_device_health", device_id="d2")) == '{"name":"K\\u200bche-日本-🖥","n":1}'
 
 
 @responses.activate

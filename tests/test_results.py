@@ -91,7 +91,7 @@ def test_everything_else_stays_verbatim():
     responses.add("GET", API + "/v1/devices/d1", body=json.dumps({"name": name}, ensure_ascii=False).encode(),
                   content_type="application/json")
     text = text_of(call(server_with_cap(50000), "get_device_health", device_id="d1"))
-    assert text == '{"name":"Küche 日本 🖥️ ❤️ café\\ttab"}'
+    assert text == '{"name": "Küche 日本 🖥️ ❤️ café\\ttab"}'  # as the platform sent it, byte for byte
 
 
 @responses.activate
