@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import re
 import stat
 import subprocess
@@ -546,3 +547,16 @@ def test_a_preview_survives_a_list_answer_of_the_wrong_shape(page):
         result = make_server(writes=True).handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
             "name": "revoke_access", "arguments": {"grant_id": "g1"}}})["result"]
     assert text_of(result).endswith("- access grant g1 is not among the first 500 active grants KVM Fleet listed")
+
+
+@pytest.mark.parametrize("attempt", range(4))  # a held lock aborts the exit only sometimes
+def test_sigterm_while_a_person_is_asked_exits_0_quietly(platform, attempt):
+    # The reader thread is blocked on stdin then: no lock of a buffered stream may be held at exit.
+    c = Client(platform.url)
+    c.initialize(capabilities=ASKS)
+    c.call(2, "power_action", CYCLE)
+    asked(c)
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.proc.wait(timeout=10) == 0
+    assert c.proc.stderr.read() == b""
+    assert writes(platform) == []

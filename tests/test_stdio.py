@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import pytest
@@ -173,3 +174,12 @@ def test_end_to_end_over_stdio_against_the_demo_platform(platform):
     assert [(r["method"], r["path"]) for r in seen] == [("GET", "/v1/devices"), ("GET", "/v1/devices/dev_srv_pdx_3")]
     assert seen[0]["headers"]["x-kvmfleet-mcp-client"] == "kvmfleet-mcp/%s (pytest/1.0)" % kv.__version__
     assert proc.stderr == b""  # quiet on success: no per-call log lines
+
+
+def test_it_also_runs_as_a_module_from_pythonpath_the_memory_lean_launch(tmp_path):
+    env = server_env("https://kvmfleet.test", PYTHONPATH=str(Path(SERVER).parent))
+    proc = subprocess.run([sys.executable, "-m", "kvmfleet_mcp"], input=line({"jsonrpc": "2.0", "id": 1,
+                          "method": "initialize", "params": INIT}), capture_output=True, env=env, cwd=tmp_path,
+                          timeout=30)
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert replies(proc.stdout)[0]["result"]["serverInfo"]["name"] == "kvmfleet-mcp"
