@@ -1613,7 +1613,7 @@ class Server:
             why, label = verdict(reply["result"])
         else:
             why, label = "could not be asked (the client answered %s)" % bounded(
-                json.dumps(reply.get("error"))[:200], 200), "error"
+                json.dumps(reply.get("error")), 200), "error"
         entry["confirmation"]["answer"] = label
         if why:
             raise ToolError("Not done: %s, and the user %s. No write was sent to KVM Fleet. Do not try "
