@@ -560,3 +560,64 @@ def test_sigterm_while_a_person_is_asked_exits_0_quietly(platform, attempt):
     assert c.proc.wait(timeout=10) == 0
     assert c.proc.stderr.read() == b""
     assert writes(platform) == []
+
+
+# -- details pinned in-process (mutation testing sees these) -----------------------------------------
+
+
+@responses.activate
+def test_the_record_says_when_the_model_confirmed_or_did_not(tmp_path):
+    path = tmp_path / "agent.jsonl"
+    server = make_server(writes=True, KVMFLEET_MCP_AUDIT_LOG=str(path))
+    responses.add("POST", API + "/v1/access-grants/g1:revoke", json={}, headers={"X-Request-Id": "req\x1b-7"})
+    for confirm in (False, True):
+        server.handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "revoke_access", "arguments": {"grant_id": "g1", "reason": "x", "confirm": confirm}}})
+    missing, confirmed = [json.loads(row) for row in path.read_text().splitlines()]
+    assert missing["confirmation"] == {"by": "model", "answer": "missing"} and missing["outcome"] == "error"
+    assert "status" not in missing and missing["targets"] == {"grant_id": "g1"}
+    assert confirmed["confirmation"] == {"by": "model", "answer": "confirm"} and confirmed["outcome"] == "done"
+    assert (confirmed["status"], confirmed["platform_request_id"]) == (200, "req-7")  # header text made safe
+    assert confirmed["client"] == {"name": "pytest", "version": "1.0"} and confirmed["write"] is True
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z", confirmed["time"])
+    assert isinstance(confirmed["duration_ms"], float) and 0 <= confirmed["duration_ms"] < 10_000
+
+
+@responses.activate
+def test_a_preview_quotes_the_device_id_into_its_segment_and_bounds_what_the_platform_says():
+    long_name = "n" * 100
+    started = kv._utc(time.time() - 7230)[:19] + ".5+00:00"  # 2 h 0 min 30 s ago; the fraction is not read
+    responses.add("GET", API + "/v1/devices/a%3Ab%40c", json={"name": long_name, "status": None, "power_state": 3})
+    responses.add("GET", API + "/v1/console-sessions", json={"items": [
+        {"user": "u", "device_id": "a:b@c", "started_at": started},
+        {"user": "v", "device_id": "a:b@c", "started_at": "tomorrow"},
+        {"user": "w", "device_id": "a:b@c", "started_at": kv._utc(time.time() + 3600)}]})
+    responses.add("GET", API + "/v1/access-grants", json={"items": []})
+    result = make_server(writes=True).handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "power_action", "arguments": {"device_id": "a:b@c", "action": "off"}}})["result"]
+    lines = text_of(result).split("\n")[2:]
+    assert lines[0] == '- device "%s\\n[... 20 more characters not shown]" (a:b@c): status unknown, power 3' % (
+        "n" * 80)
+    assert re.fullmatch(re.escape('- console sessions open on it: "u" on device "a:b@c" since "%s", open for 2 h 0 min; '
+                                  '"v" on device "a:b@c" since "tomorrow"; "w" on device "a:b@c" since "' % started)
+                        + r'[0-9T:Z-]+"', lines[1]), lines[1]  # no age for what cannot be read or lies ahead
+    assert lines[2] == "- active access grants on it: none"
+
+
+def test_without_a_stdio_channel_a_client_that_can_ask_is_refused_not_skipped():
+    server = make_server(writes=True, initialize=None)
+    server.handle({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": dict(INIT, capabilities=ASKS)})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.add("GET", API + "/v1/access-grants", json={"items": []})
+        result = server.handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "revoke_access", "arguments": {"grant_id": "g1", "confirm": True}}})["result"]
+    assert text_of(result) == ("Not done: revoke_access would revoke access grant g1 at once, cutting off its "
+                               "holder, and there is no stdio channel to ask the user on.")
+
+
+@pytest.mark.parametrize("capabilities,asks", [
+    ({"elicitation": {}}, True), ({"elicitation": {"form": {}}}, True), ({"elicitation": {"form": {}, "url": {}}}, True),
+    ({"elicitation": {"url": {}}}, False), ({"elicitation": {"form": True}}, False), ({"elicitation": []}, False),
+    ({}, False), (None, False), ([], False)])
+def test_form_elicitation_is_read_from_the_capabilities_as_the_spec_says(capabilities, asks):
+    assert kv.asks_forms(capabilities) is asks
