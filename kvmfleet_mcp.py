@@ -51,9 +51,9 @@ platform might echo it. Answers are read within a size and time bound,
 results are capped (cut at whole items, saying so), and characters that
 could hide text from a person are shown as \\uXXXX. The platform still
 enforces RBAC, policy, JIT, 4-eyes and its audit log; its refusals reach
-the model verbatim. There is no eval, no subprocess, no file written, and
-nothing listens on a port. The only file written is the optional record of
-agent actions, which holds no token and no request or response bodies.
+the model verbatim. There is no eval, no subprocess, and nothing listens on
+a port. The only file written is the optional record of agent actions,
+which holds no token and no request or response bodies.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ INVALID_PARAMS: Final = -32602
 INTERNAL_ERROR: Final = -32603
 UNSUPPORTED_VERSION: Final = -32022
 
-# Security: a line longer than this is discarded unread (answered with
+# Security: a line longer than this is dropped as it arrives (answered with
 # -32600), so a client cannot make the server buffer without bound.
 MAX_LINE_BYTES: Final = 8 * 1024 * 1024
 # Security: a platform answer larger than this is not read to the end.
@@ -128,6 +128,10 @@ LIST_TTL_MS: Final = 3_600_000
 SCOPE_TIMEOUT: Final = 2.0
 # Each read that previews what a destructive call would touch: one try, this bound.
 PREVIEW_TIMEOUT: Final = 5.0
+# Security: while a person is asked, other requests wait; at most this many
+# bytes of them (more are answered "busy"), and few lines read ahead.
+MAX_WAITING_BYTES: Final = MAX_LINE_BYTES
+READ_AHEAD_LINES: Final = 4
 # How many open sessions or active grants a preview names (and the page it reads).
 PREVIEW_ITEMS: Final = 10
 PREVIEW_PAGE: Final = 500
@@ -1105,8 +1109,7 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str, approve: 
     args = {name: int(value) if type(value) is float else value for name, value in args.items()}
     confirmed = args.pop("confirm", False) is True  # Security: never sent on
     # The record names what was targeted, never free text (a reason, a search).
-    entry["targets"] = {name: value for name, value in args.items()
-                        if "pattern" in tool.properties[name] or "enum" in tool.properties[name]}
+    entry["targets"] = {name: value for name, value in args.items() if not free_text(tool, name)}
     if needs_confirm(tool, args):
         # Security: nothing is written until the call is confirmed as this
         # server's settings and the client's abilities demand.
@@ -1133,9 +1136,10 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str, approve: 
         raise ToolError("%s\n%s" % (exc, said) if key else str(exc)) from None
     entry.update(status=reply.status, platform_request_id=reply.request_id or None)
     result = reply_result(tool.method, path, reply, platform.config)
-    for extra in (window if not result.get("isError") else "", said if key else ""):
-        if extra:
-            result["content"].append({"type": "text", "text": extra})
+    if window and not result.get("isError"):
+        result["content"].append({"type": "text", "text": window})
+    if key:
+        result["content"].append({"type": "text", "text": said})
     return result
 
 
@@ -1170,14 +1174,25 @@ def _read(platform: Platform, client: str, what: str, path: str,
         reply = platform.call("GET", path, query, None, client, quick=PREVIEW_TIMEOUT)
     except ToolError as exc:
         return "could not read %s: %s" % (what, bounded(str(exc), 300))
-    try:
-        data = json.loads(reply.body) if 200 <= reply.status < 300 else None
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
+    data = _json_object(reply.body) if 200 <= reply.status < 300 else None
+    if data is None:
         return "could not read %s: HTTP %d %s %s" % (
             what, reply.status, reply.reason, bounded(reply.body.decode("utf-8", "replace"), 300))
     return data
+
+
+def free_text(tool: Tool, name: str) -> bool:
+    """Whether an argument is free text (a reason, a search), not an id, a time or a choice."""
+    return "pattern" not in tool.properties[name] and "enum" not in tool.properties[name]
+
+
+def _json_object(body: bytes) -> Optional[JSON]:
+    """A body's JSON object, or None for anything else (including nesting too deep to parse)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _listed(platform: Platform, client: str, what: str, path: str, query: List[Tuple[str, str]],
@@ -1260,6 +1275,25 @@ def verdict(answer: Any) -> Tuple[str, str]:
     return "gave an answer this server does not understand", "malformed"
 
 
+def _id_of(line: bytes) -> Any:
+    """The id of the request on a line, or None."""
+    try:
+        message = parse_line(line)
+    except (ValueError, RecursionError):
+        return None
+    return message.get("id") if isinstance(message, dict) else None
+
+
+def same_id(one: Any, other: Any) -> bool:
+    """JSON-RPC ids compared as JSON does: 1 is not true, nor 1.0, nor "1"."""
+    return type(one) is type(other) and one == other
+
+
+def _not_approved(what: str, why: str) -> ToolError:
+    return ToolError("Not done: %s, and the user %s. No write was sent to KVM Fleet. Do not try again "
+                     "unless the user asks you to." % (what, why))
+
+
 def _digest(args: JSON) -> str:
     import hashlib
 
@@ -1290,11 +1324,8 @@ def token_scope(platform: Platform, client: str) -> Tuple[Optional[JSON], str]:
         reply = platform.call("GET", "/v1/tokens/current", None, None, client, quick=SCOPE_TIMEOUT)
     except ToolError as exc:
         return None, "no answer from GET /v1/tokens/current (%s)" % bounded(str(exc), 200)
-    try:
-        data = json.loads(reply.body) if reply.status == 200 else None
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
+    data = _json_object(reply.body) if reply.status == 200 else None
+    if data is None:
         return None, "GET /v1/tokens/current answered HTTP %d without a token description" % reply.status
     return data, "role %s, scope %s" % (bounded(str(data.get("role")), 40), bounded(str(data.get("scope")), 40))
 
@@ -1584,9 +1615,13 @@ class Server:
 
     def _form(self, tool: Tool, args: JSON, client: str) -> JSON:
         """The elicitation/create params: what would happen, what it touches, one box to tick."""
-        message = ("An AI assistant (%s) asks to %s.\n%s\nApprove only if you want exactly this; "
-                   "anything else sends nothing." % (client, tool.effect.format(**args),
-                                                     impact(args, self.platform, client)))
+        # Security: the person sees every word the call would send, not only
+        # its effect: a steered model could write "approved by the CISO" in a reason.
+        text = ["%s %s" % (name, _shown(value)) for name, value in args.items() if free_text(tool, name)]
+        message = ("An AI assistant (%s) asks to %s.%s\n%s\nApprove only if you want exactly this; "
+                   "anything else sends nothing." % (
+                       client, tool.effect.format(**args), " With " + ", ".join(text) + "." if text else "",
+                       impact(args, self.platform, client)))
         params: JSON = {"mode": "form", "message": visible(redact(message)), "requestedSchema": {
             "type": "object", "required": [ASK_FIELD], "properties": {ASK_FIELD: {
                 "type": "boolean", "title": "Approve: %s" % tool.title, "default": False,
@@ -1611,39 +1646,51 @@ class Server:
             why, label = "did not answer within %g s" % self.config.confirm_timeout, "timeout"
         elif "result" in reply:
             why, label = verdict(reply["result"])
-        else:
+        elif "error" in reply:
             why, label = "could not be asked (the client answered %s)" % bounded(
-                json.dumps(reply.get("error")), 200), "error"
+                json.dumps(reply["error"]), 200), "error"
+        else:
+            why, label = "could not be asked (the client closed stdin)", "closed"
         entry["confirmation"]["answer"] = label
         if why:
-            raise ToolError("Not done: %s, and the user %s. No write was sent to KVM Fleet. Do not try "
-                            "again unless the user asks you to." % (what, why))
+            raise _not_approved(what, why)
 
     def _wait_for(self, channel: Channel, ask_id: str, call_id: Any) -> Optional[JSON]:
-        """The client's response to our request ask_id, serving pings meanwhile; None on timeout."""
+        """The client's response to our request ask_id, serving pings meanwhile; {} at EOF, None on timeout."""
         deadline = time.monotonic() + self.config.confirm_timeout
         while True:
             line = channel.read(max(deadline - time.monotonic(), 0.0))
             if line is None:
                 return None
-            if not line:  # stdin closed: nobody is left to answer
-                return {"error": "end of input"}
+            if not line:
+                return {}
             try:
                 message = parse_line(line)
             except (ValueError, RecursionError):
                 message = None
             if isinstance(message, dict):
-                if message.get("id") == ask_id and "method" not in message:
+                method, params = message.get("method"), message.get("params")
+                if message.get("id") == ask_id and method is None:
                     return message
-                if message.get("method") == "ping" and "id" in message:
+                if method == "ping" and "id" in message:
                     channel.write(self.handle_line(line) or b"")
                     continue
-                cancelled = message.get("params")
-                if (message.get("method") == "notifications/cancelled" and isinstance(cancelled, dict)
-                        and cancelled.get("requestId") == call_id):
-                    raise Abandoned()
-            # Anything else waits its turn: requests are answered in order, after this call.
-            channel.later.append(line)
+                if method == "notifications/cancelled" and isinstance(params, dict):
+                    if same_id(params.get("requestId"), call_id):
+                        channel.write(encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {
+                            "requestId": ask_id, "reason": "the call was cancelled"}}))
+                        raise Abandoned()
+                    # Security: a request cancelled while it waited is dropped, never run later.
+                    channel.later = [waiting for waiting in channel.later
+                                     if not same_id(_id_of(waiting), params.get("requestId"))]
+                    continue
+            # Anything else waits its turn: answered in order, after this call.
+            request_id = _id_of(line)
+            if sum(map(len, channel.later)) + len(line) <= MAX_WAITING_BYTES:
+                channel.later.append(line)
+            elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+                channel.write(encode(error_response(request_id, INVALID_REQUEST, (
+                    "Busy: the user is being asked to confirm another call; send this again after it"))))
 
     def _ask_later(self, tool: Tool, args: JSON, params: JSON, what: str, entry: JSON,
                    client: str) -> Optional[JSON]:
@@ -1659,8 +1706,7 @@ class Server:
         why, label = verdict(answer)
         entry["confirmation"]["answer"] = label
         if why:
-            raise ToolError("Not done: %s, and the user %s. No write was sent to KVM Fleet. Do not try "
-                            "again unless the user asks you to." % (what, why))
+            raise _not_approved(what, why)
         now = time.time()
         self._spent = {spent: end for spent, end in self._spent.items() if end >= now}
         # Security: one person's yes makes one call; a replayed retry is refused.
@@ -1748,7 +1794,7 @@ class Channel:
                 # from then on a thread reads stdin and this takes its lines.
                 import threading
 
-                self._queue = queue.Queue()
+                self._queue = queue.Queue(READ_AHEAD_LINES)
                 threading.Thread(target=self._pump, daemon=True).start()
             try:
                 line = self._queue.get(timeout=timeout)
@@ -1758,11 +1804,14 @@ class Channel:
         return line
 
     def _pump(self) -> None:
-        while True:
-            line = self._read_line()
-            self._queue.put(line)
-            if not line:
-                return
+        line = b"x"
+        try:
+            while line:
+                line = self._read_line()
+                self._queue.put(line)
+        finally:
+            if line:  # stdin failed: the loop sees its end rather than wait forever
+                self._queue.put(b"")
 
     def _read_line(self) -> bytes:
         """One line; a line over MAX_LINE_BYTES comes back cut there, its rest read and dropped."""
@@ -1773,7 +1822,7 @@ class Channel:
             if end > MAX_LINE_BYTES or end < 0 and len(self._buffer) > MAX_LINE_BYTES:
                 line = bytes(self._buffer[:MAX_LINE_BYTES + 1])
                 while end < 0:  # drop the rest as it arrives, 64 KiB at a time
-                    self._buffer[:] = self._read(65536)
+                    self._buffer[:] = self._read(65536) or b""
                     if not self._buffer:
                         break
                     end = self._buffer.find(b"\n")
@@ -1785,7 +1834,7 @@ class Channel:
                 return line
             start = len(self._buffer)
             chunk = self._read(65536)
-            if not chunk:  # the end: a last line without its newline still counts
+            if not chunk:  # the end (or None: no data from a non-blocking stdin); a last line counts
                 line = bytes(self._buffer)
                 self._buffer.clear()
                 return line

@@ -241,9 +241,16 @@ def test_a_call_the_client_cancels_while_the_person_is_asked_gets_no_reply_and_w
     c.call(7, "power_action", CYCLE)
     request = asked(c)
     c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 6}})  # not this call
-    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7, "reason": "user"}})
+    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "7"}})  # nor these
+    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7.0}})
     c.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
-    assert c.recv() == {"jsonrpc": "2.0", "id": 8, "result": {}}  # and nothing for id 7
+    assert c.recv() == {"jsonrpc": "2.0", "id": 8, "result": {}}  # still asking
+    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7, "reason": "user"}})
+    # The person's question is withdrawn, and the call gets no reply.
+    assert c.recv() == {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": request["id"], "reason": "the call was cancelled"}}
+    c.send({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+    assert c.recv() == {"jsonrpc": "2.0", "id": 9, "result": {}}
     answer(c, request, ACCEPT)
     assert c.silent_for(0.5)
     assert writes(platform) == []
@@ -621,3 +628,56 @@ def test_without_a_stdio_channel_a_client_that_can_ask_is_refused_not_skipped():
     ({}, False), (None, False), ([], False)])
 def test_form_elicitation_is_read_from_the_capabilities_as_the_spec_says(capabilities, asks):
     assert kv.asks_forms(capabilities) is asks
+
+
+def test_a_queued_call_cancelled_while_it_waited_is_never_run(client, platform):
+    # Security: a cancelled destructive call must not come back to life after the person answers another.
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(1, "power_action", CYCLE)
+    request = asked(c)
+    c.call(2, "end_console_session", {"session_id": "cs_r640_20m"})
+    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 2}})
+    answer(c, request, ACCEPT)
+    assert c.recv()["id"] == 1
+    c.send({"jsonrpc": "2.0", "id": 3, "method": "ping"})
+    assert c.recv() == {"jsonrpc": "2.0", "id": 3, "result": {}}  # nothing for 2: not asked, not run
+    assert [w["path"] for w in writes(platform)] == ["/v1/devices/dev_srv_pdx_3/power"]
+    c.close()
+
+
+def test_requests_beyond_the_waiting_bound_are_answered_busy(platform, monkeypatch, capfd):
+    # Security: a client cannot make the server hold without bound what it sends during a question.
+    monkeypatch.setattr(kv, "MAX_WAITING_BYTES", 160)
+    InProcessClient.capfd = capfd
+    c = InProcessClient(platform.url)
+    c.initialize(capabilities=ASKS)
+    c.call(1, "power_action", CYCLE)
+    request = asked(c)
+    for n in (2, 3, 4):
+        c.send({"jsonrpc": "2.0", "id": n, "method": "tools/list"})  # 51 bytes each: 153 held
+    c.send({"jsonrpc": "2.0", "method": "notifications/initialized"})  # over: dropped, nothing to answer
+    c.send({"jsonrpc": "2.0", "id": "x" * 60, "method": "tools/list"})
+    assert c.recv() == {"jsonrpc": "2.0", "id": "x" * 60, "error": {"code": -32600, "message": (
+        "Busy: the user is being asked to confirm another call; send this again after it")}}
+    answer(c, request, {"action": "decline"})
+    assert [c.recv()["id"] for _ in range(4)] == [1, 2, 3, 4]
+    c.close()
+
+
+def test_the_person_sees_the_free_text_the_call_would_send(client):
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(1, "end_console_session", {"session_id": "cs_pdx3_9h", "reason": "approved by the CISO\u202e"})
+    message = asked(c)["params"]["message"]
+    assert "disconnecting its user. With reason \"approved by the CISO\\u202e\".\n" in message
+    c.close()
+
+
+@responses.activate
+def test_a_preview_read_nested_too_deeply_to_parse_is_a_failed_read_not_a_crash():
+    responses.add("GET", API + "/v1/access-grants", body=b"[" * 100_000 + b"]" * 100_000,
+                  content_type="application/json")
+    result = make_server(writes=True).handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "revoke_access", "arguments": {"grant_id": "g1"}}})["result"]
+    assert "\n- could not read access grant: HTTP 200 OK [[[[" in text_of(result)
