@@ -681,3 +681,20 @@ def test_a_preview_read_nested_too_deeply_to_parse_is_a_failed_read_not_a_crash(
     result = make_server(writes=True).handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
         "name": "revoke_access", "arguments": {"grant_id": "g1"}}})["result"]
     assert "\n- could not read access grant: HTTP 200 OK [[[[" in text_of(result)
+
+
+def test_a_signature_lifted_onto_a_payload_written_for_another_call_is_refused(client, platform):
+    # Security: the payload is readable (base64 JSON) and its digest computable; only the MAC binds it.
+    import base64
+
+    c = client()
+    state = first_round(c)["requestState"]
+    encoded, mac = state.split(".")
+    payload = json.loads(base64.urlsafe_b64decode(encoded))
+    other = {"device_id": "dev_lab_pikvm_1", "action": "cycle"}
+    payload["args"] = kv._digest(other)
+    forged = base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode() + "." + mac
+    result = retry(c, 2, forged, ACCEPT, other)
+    assert "did not issue for this tool and these arguments" in text_of(result)
+    assert writes(platform) == []
+    c.close()
