@@ -1108,8 +1108,9 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str, approve: 
     # 5.0 passed as an integer; the platform gets 5.
     args = {name: int(value) if type(value) is float else value for name, value in args.items()}
     confirmed = args.pop("confirm", False) is True  # Security: never sent on
-    # The record names what was targeted, never free text (a reason, a search).
-    entry["targets"] = {name: value for name, value in args.items() if not free_text(tool, name)}
+    if platform.config.audit_log:
+        # The record names what was targeted, never free text (a reason, a search).
+        entry["targets"] = {name: value for name, value in args.items() if not free_text(tool, name)}
     if needs_confirm(tool, args):
         # Security: nothing is written until the call is confirmed as this
         # server's settings and the client's abilities demand.
@@ -1343,6 +1344,7 @@ class Server:
         self.platform = platform or Platform(config)
         self.legacy_version: Optional[str] = None  # set by initialize
         self.client_info: Optional[JSON] = None
+        self._tag = client_tag(None)  # x-kvmfleet-mcp-client for the initialized session
         self.client_capabilities: JSON = {}
         self.channel: Optional[Channel] = None  # set by serve(): how a person is asked mid-call
         self._request_id: Any = None  # of the request being handled
@@ -1371,7 +1373,7 @@ class Server:
             if writes:
                 # Security: a read-only token hides the write tools, whatever the
                 # environment says. Asked once, here, bounded; never in initialize.
-                info, said = token_scope(self.platform, client_tag(self.client_info))
+                info, said = token_scope(self.platform, self._tag)
                 if info is None:
                     log("token scope unknown (%s); write tools follow KVMFLEET_MCP_ALLOW_WRITES" % said)
                 elif info.get("scope") == "read":
@@ -1481,6 +1483,7 @@ class Server:
         self.legacy_version = requested if requested in LEGACY_VERSIONS else NEWEST_LEGACY
         client = params.get("clientInfo")
         self.client_info = client if isinstance(client, dict) else None
+        self._tag = client_tag(self.client_info)
         capabilities = params.get("capabilities")
         self.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         return {
@@ -1559,11 +1562,8 @@ class Server:
         if tool is None:
             raise ProtocolError(INVALID_PARAMS, "Unknown tool: %s" % bounded(name, 100))
         client = self.client_info if modern is None else params["_meta"].get(META_CLIENT)
-        tag, call_id, started = client_tag(client), self._request_id, time.monotonic()
-        entry: JSON = {"time": _utc(time.time()), "client": {
-            "name": _header_safe(client.get("name")) if isinstance(client, dict) else "",
-            "version": _header_safe(client.get("version")) if isinstance(client, dict) else ""},
-            "tool": tool.name, "write": tool.write}
+        tag = self._tag if modern is None else client_tag(client)
+        call_id, started, entry = self._request_id, time.monotonic(), {"tool": tool.name, "write": tool.write}
 
         def approve(tool: Tool, args: JSON, confirmed: bool, entry: JSON) -> Optional[JSON]:
             return self._approve(tool, args, confirmed, entry, params, modern, call_id, tag)
@@ -1574,16 +1574,19 @@ class Server:
             except ToolError as exc:
                 result = text_result(str(exc), is_error=True)
         except Abandoned:
-            self._record(entry, started, "cancelled by the client")
+            self._record(entry, client, started, "cancelled by the client")
             raise
-        self._record(entry, started, "asked a person" if result.get("resultType") == "input_required"
+        self._record(entry, client, started, "asked a person" if result.get("resultType") == "input_required"
                      else "error" if result.get("isError") else "done")
         return result
 
-    def _record(self, entry: JSON, started: float, outcome: str) -> None:
+    def _record(self, entry: JSON, client: Any, started: float, outcome: str) -> None:
         if self.config.audit_log:
-            entry.update(outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1))
-            write_record(self.config.audit_log, entry)
+            write_record(self.config.audit_log, dict(
+                {"time": _utc(time.time()), "client": {
+                    "name": _header_safe(client.get("name")) if isinstance(client, dict) else "",
+                    "version": _header_safe(client.get("version")) if isinstance(client, dict) else ""}},
+                **entry, outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1)))
 
     # -- confirmation by a person ---------------------------------------------
 
