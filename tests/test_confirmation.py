@@ -698,3 +698,23 @@ def test_a_signature_lifted_onto_a_payload_written_for_another_call_is_refused(c
     assert "did not issue for this tool and these arguments" in text_of(result)
     assert writes(platform) == []
     c.close()
+
+
+@responses.activate
+def test_a_yes_given_under_one_token_does_not_act_under_the_next(tmp_path):
+    # Security: requestState is bound to the principal: after a token rotation it is refused.
+    token_file = tmp_path / "token"
+    token_file.write_text("kvmf_first_token_123")
+    token_file.chmod(0o600)
+    responses.add("GET", API + "/v1/tokens/current", json={"scope": "write"})
+    for path in ("/v1/devices/d1", "/v1/console-sessions", "/v1/access-grants"):
+        responses.add("GET", API + path, json={"items": []})
+    server = kv.Server(make_config(KVMFLEET_TOKEN="", KVMFLEET_TOKEN_FILE=str(token_file),
+                                   KVMFLEET_MCP_ALLOW_WRITES="true"))
+    params = {"name": "power_action", "arguments": {"device_id": "d1", "action": "off"}, "_meta": modern_meta(ASKS)}
+    asked = server.handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params})["result"]
+    token_file.write_text("kvmf_second_token_456")
+    retried = dict(params, requestState=asked["requestState"], inputResponses={"confirm_action": ACCEPT})
+    result = server.handle({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": retried})["result"]
+    assert "did not issue for this tool and these arguments" in text_of(result)
+    assert writes_sent(responses.calls) == []
