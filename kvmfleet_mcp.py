@@ -1128,18 +1128,18 @@ def call_tool(tool: Tool, args: JSON, platform: Platform, client: str, approve: 
     else:
         body = args
     key = os.urandom(16).hex() if tool.write else ""
-    said = "Request id: %s (sent as its Idempotency-Key; quote it to find this call in KVM Fleet's " \
-           "audit log)." % key
     entry["request_id"] = key or None
+    said = ("Request id: %s (sent as its Idempotency-Key; quote it to find this call in KVM Fleet's "
+            "audit log)." % key) if key else ""
     try:
         reply = platform.call(tool.method, path, query or None, body, client, key)
     except ToolError as exc:
-        raise ToolError("%s\n%s" % (exc, said) if key else str(exc)) from None
+        raise ToolError("%s\n%s" % (exc, said) if said else str(exc)) from None
     entry.update(status=reply.status, platform_request_id=reply.request_id or None)
     result = reply_result(tool.method, path, reply, platform.config)
     if window and not result.get("isError"):
         result["content"].append({"type": "text", "text": window})
-    if key:
+    if said:
         result["content"].append({"type": "text", "text": said})
     return result
 
