@@ -1244,7 +1244,7 @@ def _age(stamp: Any) -> str:
 
 def write_record(path: str, entry: JSON) -> None:
     """Append one line to the record of agent actions; a failure is logged and the call goes on."""
-    line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+    line = compact(entry).encode("utf-8", "backslashreplace")
     try:
         # Security: created 0600 and only ever appended to; it holds no
         # token and no bodies, only who called which tool on what, and how.
