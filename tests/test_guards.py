@@ -275,6 +275,17 @@ def test_netrc_and_ca_variables_in_the_environment_cannot_replace_the_token_or_t
 
 
 @responses.activate
+def test_a_cookie_set_by_the_platform_or_a_proxy_is_never_sent_back():
+    # Security: no cookie jar: a Set-Cookie planted by a proxy or a hostile
+    # answer cannot ride along on the next call (each request is exactly ours).
+    responses.add("GET", API + "/v1/isos", json={}, headers={"Set-Cookie": "session=planted; Path=/"})
+    server = make_server()
+    call(server, "list_isos")
+    call(server, "list_isos")
+    assert [c.request.headers.get("Cookie") for c in responses.calls] == [None, None]
+
+
+@responses.activate
 def test_every_request_has_a_connect_and_a_read_timeout():
     # A platform that accepts and never answers must not hang the server.
     responses.add("GET", API + "/v1/isos", json={})

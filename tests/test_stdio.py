@@ -69,9 +69,10 @@ def test_eof_on_stdin_exits_0_promptly():
     proc.stderr.close()
 
 
-def test_sigterm_exits_0_while_waiting_for_input():
-    proc = initialized_process()
-    proc.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_exits_0_quietly_while_waiting_for_input(signum):
+    proc = initialized_process()  # run as a script: it serves from a thread
+    proc.send_signal(signum)
     assert proc.wait(timeout=10) == 0
     assert proc.stderr.read() == b""
     for stream in (proc.stdin, proc.stdout, proc.stderr):
