@@ -1989,9 +1989,13 @@ def main(argv: Optional[List[str]] = None, background: bool = False) -> int:
     signal.signal(signal.SIGINT, _leave)  # this thread only waits: see _leave
 
     def run() -> None:
-        status = 1  # should anything escape _serve_stdio (it is then on stderr)
+        status = 1
         try:
             status = _serve_stdio(server)
+        except Exception:  # noqa: BLE001 - nothing should get here; if it does, say what
+            import traceback
+
+            log("internal error:\n%s" % traceback.format_exc())
         finally:
             sys.stderr.flush()
             os._exit(status)

@@ -527,3 +527,46 @@ def test_an_unknown_option_or_two_modes_exit_2_with_usage_on_stderr(monkeypatch,
                                        (["--check"], "check"), ([], "")])
 def test_cli_mode_names_the_mode_argv_asks_for(argv, mode):
     assert kv._cli_mode(argv) == mode
+
+
+# -- serving as a script: from a thread ------------------------------------------------------------
+
+
+@pytest.fixture
+def exits(monkeypatch):
+    """os._exit recorded, not done; the signal handlers main() installs put back afterwards."""
+    codes: list = []
+    monkeypatch.setattr(kv.os, "_exit", codes.append)
+    saved = {signum: kv.signal.getsignal(signum) for signum in (kv.signal.SIGTERM, kv.signal.SIGINT)}
+    yield codes
+    for signum, handler in saved.items():
+        kv.signal.signal(signum, handler)
+
+
+def serve_in_background(monkeypatch, serving) -> None:
+    """main() as the script calls it, with _serve_stdio replaced; waits for the serving thread."""
+    import threading
+
+    use(monkeypatch, API)
+    monkeypatch.setattr(kv, "_serve_stdio", serving)
+    assert kv.main([], background=True) == 0  # the script returns at once
+    for thread in [t for t in threading.enumerate() if t.name == "serve"]:
+        thread.join(10)
+
+
+def test_the_serving_thread_ends_the_process_with_the_serving_status(monkeypatch, exits):
+    serve_in_background(monkeypatch, lambda server: 0)
+    assert exits == [0]
+    assert kv.signal.getsignal(kv.signal.SIGINT) is kv._leave  # the waiting main thread leaves on Ctrl-C
+
+
+def test_an_error_escaping_the_serving_thread_is_said_on_stderr_and_exits_1(monkeypatch, exits, capsys):
+    def broken(server):
+        raise RuntimeError("no stdin here")
+
+    serve_in_background(monkeypatch, broken)
+    assert exits == [1]
+    err = capsys.readouterr().err
+    # one log line: the traceback's newlines are escaped like any control character
+    assert err.startswith("kvmfleet-mcp: internal error:\\u000aTraceback (most recent call last):")
+    assert err.endswith("RuntimeError: no stdin here\\u000a\n")
