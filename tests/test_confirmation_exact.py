@@ -196,6 +196,21 @@ def test_the_record_says_how_the_person_answered(talk, tmp_path, response, label
     assert row["confirmation"] == {"by": "person", "answer": label} and row["outcome"] == "error"
 
 
+def test_the_record_of_a_call_cancelled_while_the_person_is_asked_says_so(talk, tmp_path):
+    path = tmp_path / "agent.jsonl"
+    c = talk(KVMFLEET_MCP_AUDIT_LOG=str(path))
+    c.initialize(capabilities=ASKS)
+    c.call(2, "revoke_access", dict(REVOKE, reason="rotating"))
+    request = asked(c)
+    c.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 2}})
+    assert c.recv()["params"] == {"requestId": request["id"], "reason": "the call was cancelled"}
+    c.close()
+    (row,) = records(path)
+    assert (row["tool"], row["write"], row["targets"], row["outcome"]) == (
+        "revoke_access", True, {"grant_id": "gr_db_migration"}, "cancelled by the client")
+    assert "status" not in row and row["client"] == {"name": "pytest", "version": "1.0"}
+
+
 def test_what_waits_during_a_question_may_fill_the_bound_exactly(talk, monkeypatch):
     c = talk()
     c.initialize(capabilities=ASKS)
