@@ -145,3 +145,11 @@ def require(available: bool, what: str) -> None:
     if STRICT:
         pytest.fail("%s is required when KVMFLEET_TESTS_STRICT=1" % what)
     pytest.skip("%s is not installed" % what, allow_module_level=True)
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """Every back-off the server would sleep, recorded instead of slept."""
+    slept: list = []
+    monkeypatch.setattr(kv.time, "sleep", slept.append)
+    return slept

@@ -62,14 +62,6 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def waits(monkeypatch):
-    """Every back-off the server would sleep, recorded instead of slept."""
-    slept: list = []
-    monkeypatch.setattr(kv.time, "sleep", slept.append)
-    return slept
-
-
 def use(monkeypatch, api, bearer="kvmf_demo_viewer", **extra):
     monkeypatch.setenv("KVMFLEET_API", api)
     monkeypatch.setenv("KVMFLEET_TOKEN", bearer)

@@ -31,14 +31,6 @@ def fresh_token(length: int = 40) -> str:
     return os.urandom(length).hex()[:length]
 
 
-@pytest.fixture
-def waits(monkeypatch):
-    """Every back-off the server would sleep, recorded instead of slept."""
-    slept: list = []
-    monkeypatch.setattr(kv.time, "sleep", slept.append)
-    return slept
-
-
 # -- a platform on loopback, for what `responses` cannot fake: streaming, trickles, drops ---------
 
 
@@ -224,8 +216,9 @@ def test_the_insecure_http_opt_in_is_warned_about_on_every_start(capsys):
 
 
 @pytest.mark.parametrize("api", ["https://kvmf_secret@kvmfleet.example", "https://:kvmf_secret@kvmfleet.example",
-                                 "https://u:p@kvmfleet.example", "https://kvmfleet.example/#x"])
-def test_credentials_in_the_api_url_are_refused_even_a_user_or_a_password_alone(api):
+                                 "https://u:p@kvmfleet.example", "https://kvmfleet.example/#x",
+                                 "https://kvmfleet.example/?token=kvmf_secret", "https://kvmfleet.example?x"])
+def test_credentials_or_a_query_in_the_api_url_are_refused_even_a_user_or_a_password_alone(api):
     with pytest.raises(kv.ConfigError) as refused:
         make_config(KVMFLEET_API=api)
     assert str(refused.value) == "KVMFLEET_API must be a plain base URL, without user, query or fragment."
