@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 import time
 
@@ -184,3 +185,21 @@ def test_it_also_runs_as_a_module_from_pythonpath_the_memory_lean_launch(tmp_pat
                           timeout=30)
     assert proc.returncode == 0 and proc.stderr == b""
     assert replies(proc.stdout)[0]["result"]["serverInfo"]["name"] == "kvmfleet-mcp"
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_threads_never_take_sigterm_or_ctrl_c_so_the_main_thread_always_handles_them():
+    # Python runs handlers in the main thread only: a SIGTERM the kernel gave to
+    # the stdin reader (blocked in a read) was once left waiting for ever.
+    seen = []
+    done = threading.Event()
+
+    def record() -> None:
+        seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+        done.set()
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    kv.start_thread(record, "probe", daemon=True)
+    assert done.wait(10)
+    assert {signal.SIGTERM, signal.SIGINT} <= seen[0]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # the caller's mask is as it was
