@@ -1813,6 +1813,8 @@ class Channel:
             while line:
                 line = self._read_line()
                 self._queue.put(line)
+        except OSError as exc:
+            log("reading stdin failed (%s); taken as its end" % exc)
         finally:
             if line:  # stdin failed: the loop sees its end rather than wait forever
                 self._queue.put(b"")
