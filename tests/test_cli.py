@@ -535,20 +535,30 @@ def exits(monkeypatch):
         kv.signal.signal(signum, handler)
 
 
-def serve_in_background(monkeypatch, serving) -> None:
-    """main() as the script calls it, with _serve_stdio replaced; waits for the serving thread."""
+def serve_in_background(monkeypatch, serving) -> list:
+    """main() as the script calls it, with _serve_stdio replaced; waits for the serving thread; its name and daemon flag."""
     import threading
 
     use(monkeypatch, API)
     monkeypatch.setattr(kv, "_serve_stdio", serving)
     assert kv.main([], background=True) == 0  # the script returns at once
+    started = [(t.name, t.daemon) for t in threading.enumerate() if t.name == "serve"]
     for thread in [t for t in threading.enumerate() if t.name == "serve"]:
         thread.join(10)
+    return started
 
 
 def test_the_serving_thread_ends_the_process_with_the_serving_status(monkeypatch, exits):
-    serve_in_background(monkeypatch, lambda server: 0)
-    assert exits == [0]
+    served = []
+
+    def serving(server):
+        served.append(server)
+        time.sleep(0.2)  # still running when the script's side has returned
+        return 0
+
+    # Not a daemon: the interpreter waits for it once the script has returned.
+    assert serve_in_background(monkeypatch, serving) == [("serve", False)]
+    assert exits == [0] and isinstance(served[0], kv.Server)
     assert kv.signal.getsignal(kv.signal.SIGINT) is kv._leave  # the waiting main thread leaves on Ctrl-C
 
 

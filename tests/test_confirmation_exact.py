@@ -584,7 +584,11 @@ def test_an_overlong_last_line_without_a_newline_is_answered_and_the_end_is_seen
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the reader's OSError
-def test_a_stdin_that_fails_while_a_person_is_asked_counts_as_closed(capsys):
+def test_a_stdin_that_fails_while_a_person_is_asked_counts_as_closed(capsys, monkeypatch):
+    started = []
+    start_thread = kv.start_thread
+    monkeypatch.setattr(kv, "start_thread", lambda target, name, daemon: (
+        started.append((name, daemon)), start_thread(target, name, daemon)))
     server = make_server(writes=True, initialize=None, KVMFLEET_MCP_CONFIRM_TIMEOUT="5")
     first = dict(INIT, capabilities=ASKS)
     stdin = ChunkedStdin(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": first}).encode()
@@ -594,9 +598,8 @@ def test_a_stdin_that_fails_while_a_person_is_asked_counts_as_closed(capsys):
     with responses.RequestsMock() as mock:
         mock.add("GET", API + "/v1/access-grants", json={"items": []})
         assert kv.serve(server, stdin, stdout) == 0
-    for thread in threading.enumerate():  # the reader, which logs the failure as it ends
-        if thread.name == "stdin":
-            thread.join(5)
+    assert started == [("stdin", True)]  # a daemon: it never holds the process open
+    # The reader logs the failure before it hands on the end, so serve() has returned after it.
     assert capsys.readouterr().err == "kvmfleet-mcp: reading stdin failed ([Errno 5] Input/output error); taken as its end\n"
     initialized, question, reply = [json.loads(raw) for raw in stdout.getvalue().splitlines()]
     assert question["method"] == "elicitation/create"

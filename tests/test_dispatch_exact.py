@@ -337,6 +337,12 @@ def test_check_shows_a_role_and_scope_of_up_to_40_characters_and_cuts_longer_one
         "token: role %s, scope %s" % ("r" * 40, "s" * 40), "[... 1 more characters not shown]"]
 
 
+def test_a_request_line_with_nan_is_a_parse_error_naming_it():
+    out = make_server().handle_line(b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":NaN}}')
+    assert json.loads(out) == {"jsonrpc": "2.0", "id": None,
+                               "error": {"code": kv.PARSE_ERROR, "message": "Parse error: NaN is not JSON"}}
+
+
 # -- main() serving stdio in-process ---------------------------------------------------------------
 
 
@@ -375,6 +381,8 @@ def stdio(env, tmp_path):
     """Install a fake stdin/stdout and record the signal handlers main() sets; returns a runner."""
     handlers: list = []
     env.setattr(kv.signal, "signal", lambda signum, handler: handlers.append((signum, handler)))
+    exits: list = []
+    env.setattr(kv.os, "_exit", exits.append)  # main([]) serves in place: it must never get here
     opened: list = []
 
     def run(data: bytes, raw: bool = True, buffer=None):
@@ -389,6 +397,7 @@ def stdio(env, tmp_path):
     yield run
     for fd in opened:
         os.close(fd)
+    assert exits == []
 
 
 @pytest.mark.parametrize("raw", [True, False], ids=["raw-stdin", "buffered-stdin-without-raw"])

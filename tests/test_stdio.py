@@ -196,10 +196,11 @@ def test_threads_never_take_sigterm_or_ctrl_c_so_the_main_thread_always_handles_
 
     def record() -> None:
         seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+        seen.append((threading.current_thread().name, threading.current_thread().daemon))
         done.set()
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     kv.start_thread(record, "probe", daemon=True)
     assert done.wait(10)
-    assert {signal.SIGTERM, signal.SIGINT} <= seen[0]
+    assert {signal.SIGTERM, signal.SIGINT} <= seen[0] and seen[1] == ("probe", True)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # the caller's mask is as it was
