@@ -25,7 +25,7 @@ import requests
 import responses
 
 import kvmfleet_mcp as kv
-from conftest import API, CANARY, INIT, MODERN_META, REQUEST_ID, line, make_server, replies, rpc
+from conftest import API, CANARY, INIT, MODERN_META, REQUEST_ID, line, make_config, make_server, replies, rpc
 
 CALLS_HEADER = "Answer it with these KVM Fleet tool calls, then summarise what they return:"
 
@@ -335,6 +335,39 @@ def test_check_shows_a_role_and_scope_of_up_to_40_characters_and_cuts_longer_one
     assert kv.main(["--check"]) == 0
     assert capsys.readouterr().out.splitlines()[3:5] == [
         "token: role %s, scope %s" % ("r" * 40, "s" * 40), "[... 1 more characters not shown]"]
+
+
+@pytest.mark.parametrize("message", [{"jsonrpc": "2.0", "id": 1, "result": {}},
+                                     {"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "no"}}])
+def test_a_response_from_the_client_to_a_request_we_never_sent_gets_no_reply(message):
+    assert make_server().handle(message) is None
+
+
+@pytest.mark.parametrize("message,answer", [
+    ({"jsonrpc": "2.0", "id": 1.5, "method": "ping"}, (None, kv.INVALID_REQUEST, "id must be a string or an integer")),
+    ({"id": 7, "method": "ping"}, (7, kv.INVALID_REQUEST, 'Invalid request: need "jsonrpc": "2.0" and a string "method"')),
+    ({"jsonrpc": "2.0", "id": 8, "method": "ping", "params": [1]}, (8, kv.INVALID_PARAMS, "params must be an object")),
+])
+def test_a_malformed_request_is_answered_with_its_id_and_the_exact_reason(message, answer):
+    request_id, code, text = answer
+    assert make_server().handle(message) == {"jsonrpc": "2.0", "id": request_id,
+                                             "error": {"code": code, "message": text}}
+
+
+@pytest.mark.parametrize("scope,said", [
+    ({"json": {"scope": "read", "role": "viewer"}},
+     "kvmfleet-mcp: the token is read-only (role viewer, scope read): write tools stay hidden for this process\n"),
+    ({"status": 404},
+     "kvmfleet-mcp: token scope unknown (GET /v1/tokens/current answered HTTP 404 without a token description); "
+     "write tools follow KVMFLEET_MCP_ALLOW_WRITES\n"),
+])
+def test_the_token_scope_decision_is_logged_in_one_exact_line(scope, said, capsys):
+    server = kv.Server(make_config(KVMFLEET_MCP_ALLOW_WRITES="true"))
+    with responses.RequestsMock() as mock:
+        mock.add("GET", API + "/v1/tokens/current", **scope)
+        names = set(server.offered())
+    assert ("power_action" in names) is (scope.get("status") == 404)
+    assert capsys.readouterr().err == said
 
 
 def test_a_request_line_with_nan_is_a_parse_error_naming_it():
