@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark kvmfleet_mcp.py against the demo platform on loopback (not collected by pytest).
 
-    python tests/benchmark.py [--python PY] [--rounds 3] [--compare ../shared/bench/lean_server.py]
+    python tests/benchmark.py [--python PY] [--rounds 3] [--compare ../shared/bench/lean_server.py [--floor]]
 
 For each server (interleaved, --rounds times, a fresh demo platform each round):
 cold start to the initialize answer and to the first tool result (median of
@@ -12,7 +12,9 @@ RSS (VmHWM), and result bytes against the platform's body bytes; plus the
 process. Prints a table, the budgets of the performance issue as ratios to
 --compare, and one JSON line. Use the real interpreter (not a pyenv shim,
 not a venv with an editable install, whose start-up hook costs ~15 ms):
---python defaults to the one running this script.
+--python defaults to the one running this script. --floor adds a third
+server, --compare with this file's code appended but never called: the
+start-up and memory that the size of this file alone costs a script.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -181,6 +184,26 @@ def budgets(ours: Dict[str, Any], lean: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def floor_server(compare: str, directory: str) -> str:
+    """The compare server with this file's code appended as a function that is never called.
+
+    Run as a script, it compiles as much code as kvmfleet_mcp.py (and holds
+    its syntax tree) and does nothing else that compare does not: what any
+    server of this size pays before its first line runs.
+    """
+    ours = (ROOT / "kvmfleet_mcp.py").read_text(encoding="utf-8")
+    future = "from __future__ import annotations\n"
+    body = ours[ours.index(future) + len(future):ours.index('\nif __name__ == "__main__":')]
+    text = Path(compare).read_text(encoding="utf-8")
+    if future not in text:
+        text = future + text
+    text += "\n\ndef _never_called() -> None:\n" + "".join(
+        "    " + line if line.strip() else "\n" for line in body.splitlines(keepends=True))
+    path = Path(directory) / "floor_server.py"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the servers")
@@ -188,10 +211,17 @@ def main() -> int:
     parser.add_argument("--spawns", type=int, default=15)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--compare", help="another stdio server script to measure in the same run, interleaved")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure --compare with this file's code added, never called (see floor_server)")
     options = parser.parse_args()
+    if options.floor and not options.compare:
+        parser.error("--floor needs --compare")
+    scratch = tempfile.TemporaryDirectory()
     servers = {"kvmfleet_mcp": [options.python, str(ROOT / "kvmfleet_mcp.py")]}
     if options.compare:
         servers["compare"] = [options.python, options.compare]
+    if options.floor:
+        servers["floor"] = [options.python, floor_server(options.compare, scratch.name)]
     rounds: Dict[str, List[Dict[str, Any]]] = {name: [] for name in servers}
     for _ in range(options.rounds):
         for name, command in servers.items():
@@ -206,6 +236,12 @@ def main() -> int:
     if options.compare:
         print("budgets against %s:" % options.compare)
         summary["budgets"] = budgets(ours, results["compare"])
+    if options.floor:
+        floor, lean = results["floor"], results["compare"]
+        summary["floor"] = {key: round(floor[key] / lean[key], 3) for key in ("first_result_ms", "peak_rss_mib")}
+        print("the floor, %s with this file's code added and never called: first tool result %.3fx, "
+              "peak RSS %.3fx" % (options.compare, summary["floor"]["first_result_ms"], summary["floor"]["peak_rss_mib"]))
+    scratch.cleanup()
     print(json.dumps(summary, sort_keys=True))
     return 0
 
