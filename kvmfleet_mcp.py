@@ -2037,4 +2037,6 @@ if __name__ == "__main__":
     # until the script returns, which for a server is its whole life; the
     # interpreter then waits for the thread, which ends the process. (Run
     # as a module or as the kvmfleet-mcp command, main() serves in place.)
+    # The thread's own allocations come from a glibc malloc arena of its
+    # own, so they reuse the freed tree only with MALLOC_ARENA_MAX=1.
     sys.exit(main(background=True))
