@@ -18,12 +18,14 @@ Environment:
     KVMFLEET_MCP_ALLOW_WRITES   exactly "true" to offer the 10 write tools
     KVMFLEET_CA_BUNDLE          PEM file of a private CA for the API's TLS
     KVMFLEET_CONNECT_TIMEOUT    seconds to connect (default 5)
-    KVMFLEET_READ_TIMEOUT       seconds to wait for an answer (default 30)
+    KVMFLEET_READ_TIMEOUT       seconds a whole answer may take (default 30)
     KVMFLEET_MCP_MAX_RESULT_CHARS  cap on a result's text (default 50000)
+    KVMFLEET_MCP_COUNT_MAX_ITEMS   most items one count_by reads (default 100000)
+    KVMFLEET_MCP_MAX_WRITES_PER_MINUTE  writes sent in any 60 s (default 10)
     KVMFLEET_ALLOW_INSECURE_HTTP   exactly "true" to allow http:// off loopback
     KVMFLEET_MCP_TOOLS          comma-separated allow-list of tools to offer
     KVMFLEET_ORG_ID             MSP: the one managed customer org every call is for
-    KVMFLEET_MCP_CONFIRM        "human": destructive calls need a person's click (elicitation)
+    KVMFLEET_MCP_CONFIRM        "human": every write needs a person's click (elicitation)
     KVMFLEET_MCP_CONFIRM_TIMEOUT  seconds a person has to answer (default 300)
     KVMFLEET_MCP_AUDIT_LOG      JSONL file: one line per tool call (mode 0600, appended)
     HTTPS_PROXY, NO_PROXY       honoured if the client config passes them
@@ -36,37 +38,56 @@ that carry their version in `_meta`. EOF on stdin or SIGTERM exits 0.
 
 SECURITY: the server holds a token that can power-cycle production hosts,
 so it trusts neither the model nor the data it reads. Write tools are not
-even advertised unless KVMFLEET_MCP_ALLOW_WRITES is exactly "true";
-destructive calls also need `confirm: true`, which is never sent on, or,
-when the client can ask its user (elicitation), a person's click; with
-KVMFLEET_MCP_CONFIRM=human only the click counts. Before asking or refusing,
-reads show what the call would touch. Every
-argument is checked against its schema, and ids are percent-quoted so that
-they cannot leave their path segment. The token goes only to KVMFLEET_API:
-redirects are not followed, TLS is always verified, plain http is refused
-unless the host is loopback (or KVMFLEET_ALLOW_INSECURE_HTTP=true), and the
-environment's netrc and CA overrides are ignored. The token is never
-written to stdout, stderr or a result, and is redacted wherever the
-platform might echo it. Answers are read within a size and time bound,
-results are capped (cut at whole items, saying so), and characters that
-could hide text from a person are shown as \\uXXXX. The platform still
-enforces RBAC, policy, JIT, 4-eyes and its audit log; its refusals reach
-the model verbatim. There is no eval, no subprocess, and nothing listens on
-a port. The only file written is the optional record of agent actions,
-which holds no token and no request or response bodies.
+even advertised unless KVMFLEET_MCP_ALLOW_WRITES is exactly "true", and at
+most KVMFLEET_MCP_MAX_WRITES_PER_MINUTE writes are sent in any minute.
+Destructive calls also need `confirm: true`, which is never sent on, or,
+when the client can ask its user (elicitation), a person's click that shows
+every character the call would send; with KVMFLEET_MCP_CONFIRM=human every
+write needs the click. Before asking or refusing, reads show what the call
+would touch. Every argument is checked against its schema, and ids are
+percent-quoted so that they cannot leave their path segment. The token goes
+only to KVMFLEET_API: redirects are not followed, TLS is always verified,
+plain http is refused unless the host is loopback (or
+KVMFLEET_ALLOW_INSECURE_HTTP=true), only HTTPS_PROXY may carry it (never for
+plain http), and the environment's netrc and CA overrides are ignored. The
+token is never written to stdout, stderr or a result, and is redacted,
+before anything is cut, wherever the platform might echo it. Answers are
+read within a size bound and a whole-answer deadline, results are capped,
+and characters that could hide text from a person are shown as \\uXXXX. The
+platform still enforces RBAC, policy, JIT, 4-eyes and its audit log; its
+refusals reach the model verbatim. There is no eval, no subprocess, and
+nothing listens on a port. The only file written is the optional record of
+agent actions (never through a symlink, never a file of another user), which
+holds no token and no request or response bodies.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import argparse
+import base64
+import calendar
+import collections
+import errno
+import hashlib
+import hmac
+import ipaddress
 import json
 import os
+import queue
 import re
 import signal
+import stat
 import sys
+import threading
 import time
+import traceback
+import importlib.util
+import sysconfig
+from email.utils import parsedate_to_datetime
 from typing import Any
 from typing import Callable
+from typing import Deque
 from typing import Dict
 from typing import Final
 from typing import IO
@@ -78,9 +99,10 @@ from typing import Union
 from urllib.parse import quote
 from urllib.parse import urlsplit
 
-# requests and jsonschema are imported on first use (Platform._adapter,
-# _validator): answering initialize and tools/list needs neither, and
-# together they cost more start-up time than everything else here.
+# requests and jsonschema, the two heavy packages, are imported on first use,
+# each in one place (_requests, _validator): answering initialize and
+# tools/list needs neither, and together they cost more start-up time than
+# everything else here.
 
 ###############################################################################
 # Constants ###################################################################
@@ -97,6 +119,8 @@ NEWEST_LEGACY: Final = LEGACY_VERSIONS[-1]
 BATCH_VERSION: Final = "2025-03-26"
 # What server/discover and -32022 name: every version, newest first.
 SUPPORTED_VERSIONS: Final = MODERN_VERSIONS + LEGACY_VERSIONS[::-1]
+# Methods of the handshake era that 2026-07-28 removed (see its changelog).
+LEGACY_ONLY_METHODS: Final = ("initialize", "ping")
 
 META_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
 META_CLIENT: Final = "io.modelcontextprotocol/clientInfo"
@@ -113,6 +137,10 @@ UNSUPPORTED_VERSION: Final = -32022
 # Security: a line longer than this is dropped as it arrives (answered with
 # -32600), so a client cannot make the server buffer without bound.
 MAX_LINE_BYTES: Final = 8 * 1024 * 1024
+# How much of stdin one read takes, and how many such reads the reader
+# thread (which exists only while a person is asked) may hold ahead.
+READ_CHUNK: Final = 65536
+READ_AHEAD_CHUNKS: Final = 4
 # Security: a platform answer larger than this is not read to the end.
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 # How much of a platform error body the model sees (it is verbatim up to here).
@@ -122,19 +150,27 @@ RETRY_STATUSES: Final = (429, 502, 503, 504)
 READ_RETRIES: Final = 2
 RETRY_BACKOFF: Final = 0.25  # seconds, doubled each time, when no Retry-After
 RETRY_AFTER_CAP: Final = 10.0  # a longer Retry-After is passed on, not waited for
+# Security: a whole answer must arrive within the read timeout; the timer that
+# enforces it waits this much longer, so that a plain stall is named as one.
+DEADLINE_GRACE: Final = 0.5
+# Security: writes sent in any window of this many seconds are counted.
+WRITE_WINDOW: Final = 60.0
 # Tool lists never change within a process; say so to 2026 clients' caches.
 LIST_TTL_MS: Final = 3_600_000
 # How long the token-scope question may delay the first tools/list.
 SCOPE_TIMEOUT: Final = 2.0
-# Each read that previews what a destructive call would touch: one try, this bound.
+# Each read that previews what a write would touch: one try, this bound.
 PREVIEW_TIMEOUT: Final = 5.0
-# Security: while a person is asked, other requests wait; at most this many
-# bytes of them (more are answered "busy"), and few lines read ahead.
+# Security: while a person is asked, other requests wait: at most this many
+# lines and bytes of them (more are answered "busy").
+MAX_WAITING_LINES: Final = 1000
 MAX_WAITING_BYTES: Final = MAX_LINE_BYTES
-READ_AHEAD_LINES: Final = 4
 # How many open sessions or active grants a preview names (and the page it reads).
 PREVIEW_ITEMS: Final = 10
 PREVIEW_PAGE: Final = 500
+# count_by reads pages of this size and names at most this many values.
+COUNT_PAGE: Final = 500
+COUNT_MAX_VALUES: Final = 200
 # Elicitation (asking the client's user) exists from this revision on.
 ELICITATION_SINCE: Final = "2025-06-18"
 # The key of our one input request (2026-07-28) and the field of its form.
@@ -147,6 +183,7 @@ ASK_FIELD: Final = "approve"
 # newline, so "d1\n" would pass; the look-ahead refuses that, and is a no-op
 # in ECMA-262, whose $ is the end.
 ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._~:@-]{0,127}$(?!\n)"
+FIELD_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$(?!\n)"
 RFC3339_PATTERN: Final = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
     r"(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$(?!\n)"
@@ -155,19 +192,22 @@ RFC3339_PATTERN: Final = (
 DURATION_PATTERN: Final = r"^[1-9][0-9]{0,3}[mhdw]$(?!\n)"
 TIME_PATTERN: Final = "(%s)|(%s)" % (RFC3339_PATTERN, DURATION_PATTERN)
 DURATION_SECONDS: Final = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Security: a token is printable ASCII without spaces. Anything else (a
+# second line, a pasted "Bearer ") would break the header, and requests would
+# quote it back in an error.
+TOKEN_PATTERN: Final = re.compile(r"[!-~]+")
 # Security: characters that are invisible or reorder text, so platform data
-# could hide instructions from the person reading what the model read:
-# C0/C1 controls (not tab or newline), soft hyphen, zero-width and
-# direction marks, bidi embeddings, overrides and isolates, word joiners,
-# Hangul and Mongolian fillers, BOM, interlinear annotations, the musical
-# formatting marks, and the Unicode tag characters (U+E0000 block).
-# Emoji variation selectors (U+FE0E, U+FE0F) are left alone.
+# could hide instructions from the person reading what the model read: C0
+# and C1 controls (not tab or newline), every Default_Ignorable_Code_Point
+# of Unicode 15.0.0 (DerivedCoreProperties.txt) but the emoji variation
+# selectors U+FE0E and U+FE0F, and also the line and paragraph separators
+# and the interlinear annotation marks.
 _HIDDEN: Final = ("\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5"
-                  "\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\uffa0"
-                  "\ufeff\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0000-\U000e0fff")
+                  "\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0d"
+                  "\ufeff\uffa0\ufff0-\ufffb\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+                  "\U000e0000-\U000e0fff")
 HIDDEN_IN_TEXT: Final = re.compile("[" + _HIDDEN + "]")
 HIDDEN_IN_LOG: Final = re.compile("[\t\n" + _HIDDEN + "]")
-_PRINTABLE_ASCII: Final = bytes(range(0x20, 0x7F))
 ALWAYS: Final = "always"  # Tool.confirm value: every call needs confirm
 
 JSON = Dict[str, Any]
@@ -202,6 +242,13 @@ class Abandoned(McpError):
     """The client cancelled the call while its user was being asked: no reply is sent."""
 
 
+class Expired(BaseException):
+    """An exchange with the platform passed its deadline (raised by the timer; see Deadline)."""
+
+    # A BaseException, like KeyboardInterrupt, so that no library's
+    # "except Exception" between the timer and Platform.call swallows it.
+
+
 ###############################################################################
 # The tool table ##############################################################
 ###############################################################################
@@ -224,7 +271,7 @@ class Tool(NamedTuple):
     open_world: bool = False
     # None: never. ALWAYS: every call. (arg, values): when arg is one of values.
     confirm: Union[None, str, Tuple[str, Tuple[str, ...]]] = None
-    effect: str = ""  # what a confirm-gated call does, formatted with its args
+    effect: str = ""  # what a write does, formatted with its args, for the person asked
     fixed_query: Tuple[Tuple[str, str], ...] = ()
     defaults: Tuple[Tuple[str, Callable[[], str]], ...] = ()
 
@@ -251,9 +298,6 @@ def _current_month() -> str:
 
 
 DEVICE_ID: Final = _id("Device id (the `id` field from list_devices, not its name).")
-LIMIT: Final = {"type": "integer", "minimum": 1, "maximum": 500, "description": "Items per page, 1-500."}
-CURSOR: Final = {"type": "string", "minLength": 1, "maxLength": 1024,
-                 "description": "`next_cursor` from the previous page."}
 SINCE: Final = {"type": "string", "pattern": TIME_PATTERN,
                 "description": "Only items at or after this time: RFC 3339 (2026-11-23T08:00:00Z) "
                                "or a duration back from now (30m, 24h, 7d, 2w)."}
@@ -261,7 +305,19 @@ UNTIL: Final = {"type": "string", "pattern": TIME_PATTERN,
                 "description": "Only items before this time: RFC 3339 or a duration back from now."}
 CONFIRM: Final = {"type": "boolean",
                   "description": "true only after the user has approved this exact action."}
-PAGE: Final = {"limit": LIMIT, "cursor": CURSOR}
+# Every list tool pages, and the server itself keeps only some fields of each
+# item (fields) or counts every matching item (count_by): neither is sent on.
+PAGE: Final = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": 500, "description": "Items per page, 1-500."},
+    "cursor": {"type": "string", "minLength": 1, "maxLength": 1024,
+               "description": "`next_cursor` from the previous page."},
+    "fields": {"type": "array", "items": {"type": "string", "pattern": FIELD_PATTERN},
+               "minItems": 1, "maxItems": 16, "uniqueItems": True,
+               "description": "Keep only these fields of each item (and id)."},
+    "count_by": {"type": "string", "pattern": FIELD_PATTERN,
+                 "description": "Count all matching items by this field, reading every page; "
+                                "answers counts, not a page."},
+}
 
 # The whole contract with the platform is in this tuple: the endpoints and
 # argument names follow the vendor's table; where it is silent (pagination,
@@ -343,17 +399,19 @@ TOOLS: Final = (
           "duration_minutes": {"type": "integer", "minimum": 1, "maximum": 10080,
                                "description": "How long the grant should last, in minutes."},
           "ticket": _text("Change or incident ticket, e.g. CHG-4711.", 128)},
-         ("device_id", "reason", "duration_minutes"), read_only=False, idempotent=False),
+         ("device_id", "reason", "duration_minutes"), read_only=False, idempotent=False,
+         effect="request {duration_minutes} minutes of access to device {device_id}"),
     Tool("approve_access", "Approve access",
          "Approve a pending access request (4-eyes: not your own).",
          "POST", "/v1/access-grants/{grant_id}:approve",
          {"grant_id": _id("Access grant id."), "comment": _text("Note for the audit log.")},
-         ("grant_id",), read_only=False),
+         ("grant_id",), read_only=False,
+         effect="approve access request {grant_id} as its second pair of eyes (4-eyes)"),
     Tool("deny_access", "Deny access",
          "Deny a pending access request.",
          "POST", "/v1/access-grants/{grant_id}:deny",
          {"grant_id": _id("Access grant id."), "reason": _text("Why it is denied.")},
-         ("grant_id",), read_only=False),
+         ("grant_id",), read_only=False, effect="deny access request {grant_id}"),
     Tool("revoke_access", "Revoke access",
          "Revoke an active access grant at once. Needs confirm: true.",
          "POST", "/v1/access-grants/{grant_id}:revoke",
@@ -371,7 +429,7 @@ TOOLS: Final = (
     Tool("unmount_iso", "Unmount ISO",
          "Unmount the virtual media from a device.",
          "POST", "/v1/devices/{device_id}/iso:unmount", {"device_id": DEVICE_ID},
-         ("device_id",), read_only=False),
+         ("device_id",), read_only=False, effect="unmount the virtual media of device {device_id}"),
     Tool("end_console_session", "End console session",
          "End an open console session, disconnecting its user. Needs confirm: true.",
          "POST", "/v1/console-sessions/{session_id}:end",
@@ -383,12 +441,12 @@ TOOLS: Final = (
          "Acknowledge a firing alert.",
          "POST", "/v1/alerts/history/{alert_id}/acknowledge",
          {"alert_id": _id("Alert id."), "note": _text("Note for the alert.")},
-         ("alert_id",), read_only=False),
+         ("alert_id",), read_only=False, effect="acknowledge alert {alert_id}"),
     Tool("resolve_alert", "Resolve alert",
          "Mark an alert resolved.",
          "POST", "/v1/alerts/history/{alert_id}/resolve",
          {"alert_id": _id("Alert id."), "note": _text("Note for the alert.")},
-         ("alert_id",), read_only=False),
+         ("alert_id",), read_only=False, effect="mark alert {alert_id} resolved"),
 )
 TOOLS_BY_NAME: Final = {tool.name: tool for tool in TOOLS}
 
@@ -398,12 +456,13 @@ INSTRUCTIONS: Final = (
     "list_devices with q=<name>. Power off/off_hard/cycle, revoke_access, mount_iso and "
     "end_console_session are refused until the user approves that exact action and you call "
     "again with confirm: true. Lists are paged: pass next_cursor as cursor; a result cut to fit "
-    "says so in _truncated. since/until take RFC 3339 or 30m, 24h, 7d, 2w. The platform "
-    "enforces roles, policy, JIT and 4-eyes; its refusals are quoted verbatim.")
+    "says so in _truncated. For how many, use count_by (exact, over every page); fields keeps "
+    "pages small. since/until take RFC 3339 or 30m, 24h, 7d, 2w. The platform enforces roles, "
+    "policy, JIT and 4-eyes; its refusals are quoted verbatim.")
 
 
 class Prompt(NamedTuple):
-    """One prompt: a question from the README answered in one or two tool calls."""
+    """One prompt: a question from the README answered in a few tool calls."""
 
     name: str
     title: str
@@ -413,18 +472,21 @@ class Prompt(NamedTuple):
 
 
 PROMPTS: Final = (
-    Prompt("fleet_status", "Fleet status", "Which devices are offline, and what is firing?",
-           (("list_devices", {"status": "offline"}), ("list_alerts", {"status": "firing"}))),
-    Prompt("failed_logins", "Failed logins", "Show me failed logins in the last {window}.",
-           (("query_audit_log", {"action": "auth.login", "outcome": "failure", "since": "{window}"}),),
+    Prompt("fleet_status", "Fleet status", "How many devices are there, and which are offline?",
+           (("list_devices", {"count_by": "status"}), ("list_devices", {"status": "offline", "fields": ["name"]}))),
+    Prompt("failed_logins", "Failed logins", "Who failed to log in during the last {window}, and how often?",
+           (("query_audit_log", {"action": "auth.login", "outcome": "failure", "since": "{window}",
+                                 "count_by": "actor"}),),
            (("window", "How far back: 30m, 24h, 7d, 2w.", "24h"),)),
     Prompt("approvals_waiting", "Approvals waiting on me", "What access requests are waiting for my approval?",
            (("list_access_grants", {"awaiting_my_approval": True, "status": "pending"}),)),
     Prompt("nis2_snapshot", "NIS2 snapshot", "Generate the NIS2 snapshot for {period}, with its dropped controls.",
            (("get_compliance_score", {"framework": "nis2", "period": "{period}"}),),
            (("period", "Month as YYYY-MM; empty for the current month.", ""),)),
-    Prompt("overnight_alerts", "Overnight alerts", "What alerted in the last {window}?",
-           (("list_alerts", {"since": "{window}"}),), (("window", "How far back: e.g. 12h.", "12h"),)),
+    Prompt("overnight_alerts", "Overnight alerts", "What alerted in the last {window}, and what still fires?",
+           (("list_alerts", {"since": "{window}", "count_by": "status"}),
+            ("list_alerts", {"since": "{window}", "fields": ["severity", "status", "message", "device_id"]})),
+           (("window", "How far back: e.g. 12h.", "12h"),)),
     Prompt("audit_integrity", "Audit integrity", "Is the audit log intact, and when was its chain last anchored?",
            (("verify_audit_integrity", {}), ("get_audit_chain_head", {}))),
 )
@@ -532,10 +594,22 @@ def _header_safe(value: Any) -> str:
 
 
 def bounded(text: str, limit: int) -> str:
-    """Text cut to limit characters, saying how much was left out."""
+    """Text cut to limit characters, saying how much was left out; any token is redacted first."""
+    # Security: redacted before the cut, so a cut inside an echoed token
+    # cannot leave all of it but the last characters.
+    text = redact(text)
     if len(text) <= limit:
         return text
     return text[:limit] + "\n[... %d more characters not shown]" % (len(text) - limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """Text within limit characters, its end replaced by a note of how much is missing."""
+    if len(text) <= limit:
+        return text
+    note = "\n[... cut here: %d more characters were not shown. Ask for less, e.g. with limit or fields.]"
+    keep = max(limit - len(note % len(text)), 0)
+    return (text[:keep] + note % (len(text) - keep))[:limit]
 
 
 def _escape_hidden(match: Any) -> str:
@@ -546,15 +620,9 @@ def _escape_hidden(match: Any) -> str:
     return "\\u%04x" % code
 
 
-def plain(text: str) -> bool:
-    """Whether text is printable ASCII only, so nothing can hide in it."""
-    # Two C-speed passes: ~8 us on 10 KB, where the regex below takes ~100.
-    return text.isascii() and not text.encode().translate(None, _PRINTABLE_ASCII)
-
-
 def visible(text: str) -> str:
     """Text with hidden characters written as \\uXXXX, which JSON reads back as the same text."""
-    return text if plain(text) else HIDDEN_IN_TEXT.sub(_escape_hidden, text)
+    return HIDDEN_IN_TEXT.sub(_escape_hidden, text)
 
 
 def compact(data: Any) -> str:
@@ -563,20 +631,18 @@ def compact(data: Any) -> str:
 
 
 def fit(data: Any, limit: int) -> str:
-    """Compact JSON within limit characters: a page of items is cut at a whole item, and says so."""
-    text = compact(data)
+    """Compact JSON within limit characters: a page of items is cut at a whole item and says so."""
+    text = redact(compact(data))
     items = data.get("items") if isinstance(data, dict) else None
     if len(text) <= limit or not isinstance(items, list) or not items:
-        return text if len(text) <= limit else text[:limit] + (
-            "\n[... cut here: %d more characters were not shown, so this is not valid JSON. "
-            "Ask for less, e.g. with limit.]" % (len(text) - limit))
+        return cut(text, limit)
 
     def page(kept: int, shown: List[Any]) -> JSON:
+        rest = ("call again with the same filters and limit=%d, then follow next_cursor" % kept if kept else
+                "even the first item is longer than that: ask for fewer fields of each with fields")
         return dict(data, items=shown, _truncated={
             "items_shown": kept, "items_left_out": len(items) - kept,
-            "why": "the result was longer than %d characters" % limit,
-            "to_see_the_rest": "call again with the same filters and limit=%d, then follow next_cursor"
-                               % max(kept, 1)})
+            "why": "the result was longer than %d characters" % limit, "to_see_the_rest": rest})
 
     # The most items that fit, by bisection: "[a,b]" is "[]" plus each item
     # and a comma less one, so a page's length needs no re-serialising.
@@ -590,12 +656,23 @@ def fit(data: Any, limit: int) -> str:
             low = middle
         else:
             high = middle - 1
-    return compact(page(low, items[:low]))
+    # Security: the cap holds even when the bulk of the answer is outside items.
+    return cut(redact(compact(page(low, items[:low]))), limit)
 
 
-def text_result(text: str, is_error: bool = False) -> JSON:
-    """A tools/call result with one text block: tokens redacted, hidden characters made visible."""
-    result: JSON = {"content": [{"type": "text", "text": visible(redact(text))}]}
+def project(data: Any, fields: List[str]) -> Any:
+    """A page whose items keep only the given fields, and always id."""
+    keep = set(fields) | {"id"}
+    if isinstance(data, dict) and isinstance(data.get("items"), list):
+        data["items"] = [{key: value for key, value in item.items() if key in keep}
+                         if isinstance(item, dict) else item for item in data["items"]]
+    return data
+
+
+def text_result(text: str, limit: int, is_error: bool = False) -> JSON:
+    """A tools/call result with one text block: tokens redacted, hidden characters shown, within limit."""
+    # Security: whatever produced the text, no result is longer than the cap.
+    result: JSON = {"content": [{"type": "text", "text": cut(visible(redact(text)), limit)}]}
     if is_error:
         result["isError"] = True
     return result
@@ -628,14 +705,29 @@ def parse_line(line: bytes) -> Any:
     return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
 
 
-_SECRETS: List[str] = []  # every token seen: never in a log line or a result
+def request_id_of(message: Any) -> Any:
+    """The id of a request (a string or an integer, never a bool), or None."""
+    found = message.get("id") if isinstance(message, dict) else None
+    return found if isinstance(found, (str, int)) and not isinstance(found, bool) else None
+
+
+def same_id(one: Any, other: Any) -> bool:
+    """JSON-RPC ids compared as JSON does: 1 is not true, nor 1.0, nor "1"."""
+    return type(one) is type(other) and one == other
+
+
+_SECRETS: List[str] = []  # every token seen, as written and escaped: never in a log line or a result
 
 
 def _keep_secret(secret: str) -> None:
     # A string this short is no real token (they are kvmf_ and 40-odd
     # characters); redacting it would mangle ordinary words instead.
-    if len(secret) >= 8 and secret not in _SECRETS:
-        _SECRETS.append(secret)
+    if len(secret) < 8:
+        return
+    # Security: also as a traceback (repr) or a JSON body would escape it.
+    for form in (secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]):
+        if form not in _SECRETS:
+            _SECRETS.append(form)
 
 
 def redact(text: str) -> str:
@@ -657,6 +749,36 @@ def log(message: str) -> None:
         pass  # no usable stderr: logging must never break the protocol
 
 
+def resolve_durations(args: JSON, now: float) -> str:
+    """Replace since/until durations (24h) with UTC RFC 3339 times; say what window that is."""
+    said = []
+    for name in ("since", "until"):
+        value = args.get(name)
+        if isinstance(value, str) and re.search(DURATION_PATTERN, value):
+            seconds = int(value[:-1]) * DURATION_SECONDS[value[-1]]
+            args[name] = _utc(now - seconds)
+            said.append("%s=%s (%s before now)" % (name, args[name], value))
+    if not said:
+        return ""
+    return "Time window used: %s; now is %s." % (", ".join(said), _utc(now))
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _digest(args: JSON) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _json_object(body: bytes) -> Optional[JSON]:
+    """A body's JSON object, or None for anything else (including nesting too deep to parse)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -675,39 +797,27 @@ class Config(NamedTuple):
     max_result_chars: int
     tools: Optional[Tuple[str, ...]] = None  # KVMFLEET_MCP_TOOLS, None: all
     org_id: Optional[str] = None  # KVMFLEET_ORG_ID: every call is for this customer org
-    human_only: bool = False  # KVMFLEET_MCP_CONFIRM=human: confirm: true alone is not enough
+    human_only: bool = False  # KVMFLEET_MCP_CONFIRM=human: every write needs a person
     confirm_timeout: float = 300.0  # how long a person has to answer
     audit_log: Optional[str] = None  # KVMFLEET_MCP_AUDIT_LOG: the record of agent actions
+    max_writes_per_minute: int = 10
+    count_max_items: int = 100_000
+    https_proxy: Optional[str] = None  # HTTPS_PROXY, for an https:// platform only
+    no_proxy: str = ""  # NO_PROXY
 
     @classmethod
     def from_env(cls, env: Dict[str, str]) -> Config:
         """Read and check the environment; ConfigError says what to fix."""
-        api = env.get("KVMFLEET_API", "").strip().rstrip("/")
-        token = env.get("KVMFLEET_TOKEN", "").strip()
-        token_file = env.get("KVMFLEET_TOKEN_FILE", "").strip() or None
-        if not api:
-            raise ConfigError(
-                "KVMFLEET_API is not set. Put your KVM Fleet URL, e.g. https://app.kvmfleet.io, "
-                "in the env block of this server in your MCP client config.")
-        if not token and not token_file:
-            raise ConfigError(
-                "KVMFLEET_TOKEN is not set. Create an API token (kvmf_...) in the KVM Fleet "
-                "web console (it is shown once) and put it in the env block of this server "
-                "in your MCP client config, or its path in KVMFLEET_TOKEN_FILE.")
-        if token and token_file:
-            raise ConfigError("Set KVMFLEET_TOKEN or KVMFLEET_TOKEN_FILE, not both.")
-        _check_api_url(api, env.get("KVMFLEET_ALLOW_INSECURE_HTTP") == "true")
-        ca_bundle = env.get("KVMFLEET_CA_BUNDLE") or None
+        api, token, token_file = _required(env)
         confirm = env.get("KVMFLEET_MCP_CONFIRM", "").strip()
         if confirm not in ("", "model", "human"):
-            raise ConfigError("KVMFLEET_MCP_CONFIRM=%s: give human (a person must confirm destructive "
-                              "calls) or model (confirm: true is enough; the default)." % confirm[:40])
+            raise ConfigError("KVMFLEET_MCP_CONFIRM=%s: give human (a person must confirm every write) "
+                              "or model (confirm: true is enough; the default)." % confirm[:40])
+        ca_bundle = env.get("KVMFLEET_CA_BUNDLE") or None
         if ca_bundle is not None and not os.path.isfile(ca_bundle):
             raise ConfigError("KVMFLEET_CA_BUNDLE=%s is not a readable file." % ca_bundle)
         config = cls(
-            api=api,
-            token=token,
-            token_file=token_file,
+            api=api, token=token, token_file=token_file,
             allow_writes=env.get("KVMFLEET_MCP_ALLOW_WRITES") == "true",
             ca_bundle=ca_bundle,
             connect_timeout=_number(env, "KVMFLEET_CONNECT_TIMEOUT", 5.0, 600),
@@ -718,9 +828,11 @@ class Config(NamedTuple):
             human_only=confirm == "human",
             confirm_timeout=_number(env, "KVMFLEET_MCP_CONFIRM_TIMEOUT", 300.0, 3600),
             audit_log=env.get("KVMFLEET_MCP_AUDIT_LOG", "").strip() or None,
+            max_writes_per_minute=_whole(env, "KVMFLEET_MCP_MAX_WRITES_PER_MINUTE", 10, 1000),
+            count_max_items=_whole(env, "KVMFLEET_MCP_COUNT_MAX_ITEMS", 100_000, 10_000_000),
+            https_proxy=env.get("HTTPS_PROXY") or env.get("https_proxy") or None,
+            no_proxy=env.get("NO_PROXY") or env.get("no_proxy") or "",
         )
-        if token:
-            _keep_secret(token)
         if token_file:
             try:
                 config.bearer()
@@ -745,8 +857,40 @@ class Config(NamedTuple):
                 self.token_file, type(exc).__name__)) from None
         if not token:
             raise ToolError("KVMFLEET_TOKEN_FILE=%s is empty." % self.token_file)
-        _keep_secret(token)
+        _check_token(token, "KVMFLEET_TOKEN_FILE=%s" % self.token_file, ToolError)
         return token
+
+
+def _required(env: Dict[str, str]) -> Tuple[str, str, Optional[str]]:
+    """KVMFLEET_API, KVMFLEET_TOKEN and KVMFLEET_TOKEN_FILE, checked."""
+    api = env.get("KVMFLEET_API", "").strip().rstrip("/")
+    token = env.get("KVMFLEET_TOKEN", "").strip()
+    token_file = env.get("KVMFLEET_TOKEN_FILE", "").strip() or None
+    if not api:
+        raise ConfigError(
+            "KVMFLEET_API is not set. Put your KVM Fleet URL, e.g. https://app.kvmfleet.io, "
+            "in the env block of this server in your MCP client config.")
+    if not token and not token_file:
+        raise ConfigError(
+            "KVMFLEET_TOKEN is not set. Create an API token (kvmf_...) in the KVM Fleet "
+            "web console (it is shown once) and put it in the env block of this server "
+            "in your MCP client config, or its path in KVMFLEET_TOKEN_FILE.")
+    if token and token_file:
+        raise ConfigError("Set KVMFLEET_TOKEN or KVMFLEET_TOKEN_FILE, not both.")
+    _check_api_url(api, env.get("KVMFLEET_ALLOW_INSECURE_HTTP") == "true")
+    if token:
+        _check_token(token, "KVMFLEET_TOKEN", ConfigError)
+    return api, token, token_file
+
+
+def _check_token(token: str, where: str, error: Callable[[str], McpError]) -> None:
+    """Keep the token secret from here on; refuse one with spaces or control characters inside."""
+    _keep_secret(token)
+    if not TOKEN_PATTERN.fullmatch(token):
+        # Security: the message never quotes the token, not even in part.
+        raise error("%s holds a space, a line break or a character no token has (tokens are one "
+                    "line, kvmf_ and letters or digits). Give the token alone: no 'Bearer ', no "
+                    "comment, no second line." % where)
 
 
 def _warn_if_shared(name: str, path: str) -> None:
@@ -787,6 +931,15 @@ def _number(env: Dict[str, str], name: str, default: float, most: float, least: 
     return value
 
 
+def _whole(env: Dict[str, str], name: str, default: int, most: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise ConfigError("%s=%s: give a whole number from 1 to %d." % (name, raw[:40], most))
+    return int(raw)
+
+
 def _check_api_url(api: str, allow_insecure_http: bool) -> None:
     parts = urlsplit(api)
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -806,13 +959,11 @@ def _check_api_url(api: str, allow_insecure_http: bool) -> None:
         log("warning: KVMFLEET_ALLOW_INSECURE_HTTP=true: the token is sent unencrypted to %s." % api)
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress  # only needed here, once
-
+def _is_loopback(host: Optional[str]) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host or "").is_loopback
     except ValueError:
         return False
 
@@ -820,6 +971,13 @@ def _is_loopback(host: str) -> bool:
 ###############################################################################
 # The platform client: the only code that touches the network ##################
 ###############################################################################
+
+
+def _requests() -> Any:
+    """The requests package, imported on the first call to the platform (~60 ms at start-up otherwise)."""
+    import requests
+
+    return requests
 
 
 class Reply(NamedTuple):
@@ -834,6 +992,41 @@ class Reply(NamedTuple):
     request_id: str = ""  # the platform's X-Request-Id header, for the record of agent actions
 
 
+class Passing(Exception):
+    """A connection fault that a read may meet again or not: worth another try."""
+
+
+class Deadline:
+    """Security: one exchange with the platform ends at its deadline, however slowly it answers."""
+
+    # requests bounds each read from the socket, not a whole answer: a
+    # platform or proxy that sends a byte a second, even in its headers,
+    # would hold the server for hours. A timer signal (SIGALRM) interrupts
+    # that read in the main thread, which alone calls the platform (the stdin
+    # reader thread blocks the signal). Without a timer (Windows, or off the
+    # main thread) only the per-read timeout and the check in _read_bounded hold.
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.armed = False
+        self.timer = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> None:
+        if self.timer:
+            self.armed = True
+            signal.signal(signal.SIGALRM, self._expire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.armed = False  # first: a signal handled from here on changes nothing
+        if self.timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _expire(self, signum: int, frame: Any) -> None:
+        if self.armed:
+            raise Expired()
+
+
 class Platform:
     """Calls the KVM Fleet REST API through one requests connection pool."""
 
@@ -842,19 +1035,17 @@ class Platform:
         self._pool: Any = None  # a requests HTTPAdapter, made at the first call
         self._headers: Dict[str, str] = {}
         self._proxies: Dict[str, str] = {}
+        self._writes: Deque[float] = collections.deque()  # when the writes of the last minute were sent
 
     def _adapter(self) -> Any:
         if self._pool is None:
-            import requests  # deferred: see the note at the imports
-
+            requests = _requests()
             # Security: requests' HTTPAdapter, not a Session: it sends the
             # request we prepare and nothing else. A Session would also follow
             # redirects, keep cookies the platform (or a proxy) sets and send
-            # them back, and let ~/.netrc replace Authorization and
-            # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE swap the CA. Proxies are still
-            # honoured: resolved once, for our one host, from HTTPS_PROXY / NO_PROXY.
-            # (It is also ~150 us a call cheaper than Session.request.)
-            self._proxies = requests.utils.get_environ_proxies(self.config.api)
+            # them back, honour HTTP_PROXY and ALL_PROXY, and let ~/.netrc replace
+            # Authorization and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE swap the CA.
+            self._proxies = _proxies(self.config, requests)
             self._headers = dict(requests.utils.default_headers(), **{
                 "Accept": "application/json", "User-Agent": "%s/%s" % (SERVER_NAME, __version__)})
             if self.config.org_id:
@@ -864,6 +1055,15 @@ class Platform:
             self._pool = requests.adapters.HTTPAdapter()
         return self._pool
 
+    def write_wait(self) -> float:
+        """Seconds until another write may be sent (0.0: now)."""
+        now = time.monotonic()
+        while self._writes and self._writes[0] <= now - WRITE_WINDOW:
+            self._writes.popleft()
+        if len(self._writes) < self.config.max_writes_per_minute:
+            return 0.0
+        return self._writes[0] + WRITE_WINDOW - now
+
     def call(self, method: str, path: str, query: Optional[List[Tuple[str, str]]] = None,
              body: Optional[JSON] = None, client: str = "", key: str = "",
              quick: Optional[float] = None) -> Reply:
@@ -872,9 +1072,33 @@ class Platform:
         key: a write's Idempotency-Key (a write is tried once). quick: a single
         try bounded to that many seconds (the token-scope probe, previews).
         """
-        import requests  # loaded by _adapter(); this only binds the name
+        request = self._prepare(method, path, query, body, client, key)
+        timeout = (quick, quick) if quick else (self.config.connect_timeout, self.config.read_timeout)
+        tries = 1 if key or quick else 1 + READ_RETRIES
+        if key:
+            self._writes.append(time.monotonic())
+        for attempt in range(tries):
+            last = attempt == tries - 1
+            try:
+                response, content = self._exchange(request, method, path, timeout)
+            except Passing as exc:
+                if last:
+                    raise ToolError(_network_failure(self.config, method, path, exc.args[0])) from None
+                time.sleep(RETRY_BACKOFF * (1 << attempt))
+                continue
+            # Security: a write never waits to be sent again, whatever the platform says.
+            wait = None if key or last else _retry_delay(response, attempt)
+            if wait is None:
+                return Reply(response.status_code, response.reason or "", content,
+                             response.headers.get("Location", ""), attempt, response.headers.get("Retry-After", ""),
+                             _header_safe(response.headers.get("X-Request-Id")))
+            time.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-        pool = self._adapter()
+    def _prepare(self, method: str, path: str, query: Optional[List[Tuple[str, str]]], body: Optional[JSON],
+                 client: str, key: str) -> Any:
+        requests = _requests()
+        self._adapter()  # sets self._headers
         headers = dict(self._headers, Authorization="Bearer " + self.config.bearer())
         headers["x-kvmfleet-mcp-client"] = client or client_tag(None)
         data = None
@@ -886,44 +1110,55 @@ class Platform:
             # the platform drop a duplicate and a person find the audit row.
             headers["Idempotency-Key"] = key
         request = requests.PreparedRequest()
-        request.prepare(method=method, url=self.config.api + path, headers=headers, data=data, params=query)
-        timeout = (quick, quick) if quick else (self.config.connect_timeout, self.config.read_timeout)
-        for attempt in range(1 if key or quick else 1 + READ_RETRIES):
-            last = bool(key or quick) or attempt == READ_RETRIES
-            try:
-                # Security: an adapter follows no redirect: a 3xx is reported,
-                # so the token goes to KVMFLEET_API and nowhere else; TLS is verified.
-                response = pool.send(request, stream=True, timeout=timeout,
-                                     verify=self.config.ca_bundle or True, proxies=self._proxies)
-            except requests.ConnectionError as exc:  # refused, reset, connect timeout, TLS
-                if last or isinstance(exc, requests.exceptions.SSLError):
+        try:
+            request.prepare(method=method, url=self.config.api + path, headers=headers, data=data, params=query)
+        except (ValueError, requests.RequestException) as exc:
+            # Security: only the kind of error: its text may quote a header, the token's included.
+            raise ToolError("%s %s could not be made into a request (%s); nothing was sent." % (
+                method, path, type(exc).__name__)) from None
+        return request
+
+    def _exchange(self, request: Any, method: str, path: str, timeout: Tuple[float, float]) -> Tuple[Any, bytes]:
+        """One try: the response and its whole body; Passing for a fault worth another try."""
+        requests = _requests()
+        try:
+            with Deadline(timeout[1] + DEADLINE_GRACE):
+                try:
+                    # Security: an adapter follows no redirect: a 3xx is reported,
+                    # so the token goes to KVMFLEET_API and nowhere else; TLS is verified.
+                    response = self._adapter().send(request, stream=True, timeout=timeout,
+                                                    verify=self.config.ca_bundle or True, proxies=self._proxies)
+                except requests.exceptions.SSLError as exc:
                     raise ToolError(_network_failure(self.config, method, path, exc)) from None
-                time.sleep(RETRY_BACKOFF * (1 << attempt))
-                continue
-            except requests.RequestException as exc:  # no answer in time, and the like
-                raise ToolError(_network_failure(self.config, method, path, exc)) from None
-            try:
-                with response:
-                    # urllib3 1.x takes an answer cut short of its Content-Length as whole.
-                    response.raw.enforce_content_length = True
-                    content = _read_bounded(response, timeout[1], method)
-            except requests.exceptions.ChunkedEncodingError as exc:  # dropped mid-answer
-                if last:
+                except requests.ConnectionError as exc:  # refused, reset, connect timeout
+                    raise Passing(exc) from None
+                except requests.RequestException as exc:  # no answer in time, and the like
                     raise ToolError(_network_failure(self.config, method, path, exc)) from None
-                time.sleep(RETRY_BACKOFF * (1 << attempt))
-                continue
-            except requests.ConnectionError:  # how requests reports a stall mid-answer
-                raise ToolError("%s %s: KVM Fleet at %s stopped sending its answer for %g s. %s" % (
-                    method, path, self.config.api, timeout[1], _outcome(method))) from None
-            except requests.RequestException as exc:  # an answer that cannot be decoded
-                raise ToolError(_network_failure(self.config, method, path, exc)) from None
-            wait = _retry_delay(response, attempt)
-            if last or wait is None:
-                return Reply(response.status_code, response.reason or "", content,
-                             response.headers.get("Location", ""), attempt, response.headers.get("Retry-After", ""),
-                             _header_safe(response.headers.get("X-Request-Id")))
-            time.sleep(wait)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                try:
+                    with response:
+                        # urllib3 1.x takes an answer cut short of its Content-Length as whole.
+                        response.raw.enforce_content_length = True
+                        return response, _read_bounded(response, timeout[1], method)
+                except requests.exceptions.ChunkedEncodingError as exc:  # dropped mid-answer
+                    raise Passing(exc) from None
+                except requests.ConnectionError:  # how requests reports a stall mid-answer
+                    raise ToolError("%s %s: KVM Fleet at %s stopped sending its answer for %g s. %s" % (
+                        method, path, self.config.api, timeout[1], _outcome(method))) from None
+                except requests.RequestException as exc:  # an answer that cannot be decoded
+                    raise ToolError(_network_failure(self.config, method, path, exc)) from None
+        except Expired:
+            raise ToolError("%s %s: KVM Fleet's answer did not arrive in full within %g s. %s" % (
+                method, path, timeout[1], _outcome(method))) from None
+
+
+def _proxies(config: Config, requests: Any) -> Dict[str, str]:
+    """Security: HTTPS_PROXY for an https:// platform, unless NO_PROXY names it; never a proxy for http://."""
+    # HTTP_PROXY and ALL_PROXY are not honoured: through a plain-http proxy
+    # the token would cross the network in clear.
+    if (not config.https_proxy or not config.api.startswith("https://")
+            or requests.utils.should_bypass_proxies(config.api, no_proxy=config.no_proxy)):
+        return {}
+    return {"https": config.https_proxy}
 
 
 def _retry_delay(response: Any, attempt: int) -> Optional[float]:
@@ -936,11 +1171,9 @@ def _retry_delay(response: Any, attempt: int) -> Optional[float]:
     try:
         wait = float(retry_after)
     except ValueError:
-        from email.utils import parsedate_to_datetime
-
         try:
             wait = parsedate_to_datetime(retry_after).timestamp() - time.time()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # not a date, or an absurd one
             return None
     # A platform that asks for a longer wait gets its answer passed on instead.
     return max(wait, 0.0) if wait <= RETRY_AFTER_CAP else None
@@ -950,18 +1183,17 @@ def _read_bounded(response: Any, seconds: float, method: str) -> bytes:
     deadline = time.monotonic() + seconds
     chunks = []
     size = 0
-    for chunk in response.iter_content(65536):
+    for chunk in response.iter_content(READ_CHUNK):
         size += len(chunk)
         # Security: a huge or endless answer is not read to the end.
         if size > MAX_BODY_BYTES:
             raise ToolError("KVM Fleet answered HTTP %d with more than %d MiB; it was not read to the end. %s" % (
                 response.status_code, MAX_BODY_BYTES // (1024 * 1024),
                 "Ask for fewer items with limit." if method == "GET" else _outcome(method)))
-        # Security: nor one that trickles in: each read has the read timeout,
-        # and the whole answer this deadline, checked as each chunk arrives
-        # (so a platform that trickles is cut at its next 64 KiB).
+        # Where Deadline has no timer, the whole-answer deadline is checked
+        # as each chunk arrives.
         if time.monotonic() > deadline:
-            raise ToolError("KVM Fleet's answer did not arrive in full within %g s." % seconds)
+            raise Expired()
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -973,8 +1205,7 @@ def _outcome(method: str) -> str:
 
 
 def _network_failure(config: Config, method: str, path: str, exc: Exception) -> str:
-    import requests  # already loaded: only Platform raises what gets here
-
+    requests = _requests()
     outcome = _outcome(method)
     kind = "could not connect to"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
@@ -995,160 +1226,217 @@ def _network_failure(config: Config, method: str, path: str, exc: Exception) -> 
         method, path, kind, config.api, type(exc).__name__, bounded(str(exc), 300), outcome)
 
 
-def reply_result(method: str, path: str, reply: Reply, config: Config) -> JSON:
+def reply_result(method: str, path: str, reply: Reply, config: Config, fields: Optional[List[str]] = None) -> JSON:
     """Turn the platform's answer into a tools/call result, errors verbatim."""
     text = reply.body.decode("utf-8", "replace")
     where = "%s %s" % (method, path)
+    limit = config.max_result_chars
     if 300 <= reply.status < 400:
-        target = urlsplit(reply.location).netloc or reply.location or "(no Location header)"
+        try:
+            target = urlsplit(reply.location).netloc or reply.location or "(no Location header)"
+        except ValueError:  # not even a URL
+            target = reply.location
         return text_result(
             "KVM Fleet answered %s with HTTP %d %s, a redirect to %s. It was not followed: "
             "the token is only ever sent to %s. Check KVMFLEET_API."
-            % (where, reply.status, reply.reason, bounded(target, 200), config.api), True)
+            % (where, reply.status, reply.reason, bounded(target, 200), config.api), limit, True)
     if reply.status >= 400 or reply.status < 200:
         tries = " (tried %d times)" % (reply.retries + 1) if reply.retries else ""
         wait = " (Retry-After: %s, how long it asks you to wait before trying again)" % bounded(
             reply.retry_after, 40) if reply.retry_after else ""
         return text_result("KVM Fleet refused %s: HTTP %d %s%s%s\n%s" % (
-            where, reply.status, reply.reason, tries, wait, bounded(text, MAX_ERROR_TEXT)), True)
+            where, reply.status, reply.reason, tries, wait, bounded(text, MAX_ERROR_TEXT)), limit, True)
     if not reply.body.strip():
-        return text_result('{"status":%d,"body":null}' % reply.status)
+        return text_result('{"status":%d,"body":null}' % reply.status, limit)
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return text_result("KVM Fleet answered %s with HTTP %d, but the body is not JSON:\n%s" % (
-            where, reply.status, bounded(text, MAX_ERROR_TEXT)), True)
-    if len(text) <= config.max_result_chars and (plain(text) or not HIDDEN_IN_TEXT.search(text)):
+            where, reply.status, bounded(text, MAX_ERROR_TEXT)), limit, True)
+    if fields:
+        return text_result(fit(project(data, fields), limit), limit)
+    if len(text) <= limit and not HIDDEN_IN_TEXT.search(text):
         # JSON with nothing hidden in it, as a platform normally sends: passed
-        # on as it came, nothing to re-serialise (plain() is the fast test).
-        return text_result(text)
-    return text_result(fit(data, config.max_result_chars))
-
+        # on as it came, nothing to re-serialise.
+        return text_result(text, limit)
+    return text_result(fit(data, limit), limit)
 
 ###############################################################################
 # Tool calls ##################################################################
 ###############################################################################
 
-# Why a checker of our own on the hot path: importing jsonschema costs about
-# 100 ms and 5 MiB, more than the whole server otherwise, and validating with
-# it costs ~15 us a call. The schemas in TOOLS use nine keywords only (the
-# table's tests refuse any other), all checked here exactly as JSON Schema
-# defines them; tests/test_validation.py proves the verdicts equal those of
-# jsonschema's draft 2020-12 and draft 7 validators on generated arguments.
-# jsonschema still words every rejection, and overrules nothing: where the
-# two disagree the call is refused.
-_PATTERNS: Dict[str, Any] = {}
+_VALIDATORS: Dict[str, Any] = {}  # tool name -> its jsonschema validator, built on first use
 
 
-def _fits(schema: JSON, value: Any) -> bool:
-    """Whether value satisfies one property schema (type, enum, pattern, lengths, bounds)."""
-    kind = schema["type"]
-    if kind == "integer":
-        # JSON Schema counts 5.0 as an integer, and a bool as none.
-        if isinstance(value, bool) or not (isinstance(value, int) or
-                                           isinstance(value, float) and value.is_integer()):
-            return False
-        return bool(schema.get("minimum", value) <= value <= schema.get("maximum", value))
-    if kind == "boolean":
-        return type(value) is bool
-    if type(value) is not str:
-        return False
-    if "enum" in schema and value not in schema["enum"]:
-        return False
-    if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
-        return False
-    if "pattern" in schema:
-        pattern = _PATTERNS.get(schema["pattern"])
-        if pattern is None:
-            pattern = _PATTERNS[schema["pattern"]] = re.compile(schema["pattern"])
-        return pattern.search(value) is not None
-    return True
+def _jsonschema() -> Any:
+    """The jsonschema package, imported on the first tool call (~50 ms at start-up otherwise)."""
+    import jsonschema
+
+    return jsonschema
 
 
-def arguments_fit(tool: Tool, args: JSON) -> bool:
-    """Whether args satisfy the tool's input schema: required, no extras, each property."""
-    properties = tool.properties
-    return (all(name in args for name in tool.required) and
-            all(name in properties and _fits(properties[name], value) for name, value in args.items()))
+def _validator(tool: Tool) -> Any:
+    """The jsonschema validator of a tool's arguments, built on first use."""
+    if tool.name not in _VALIDATORS:
+        jsonschema = _jsonschema()
+        # 2020-12 where the installed jsonschema has it (4.x); distro 3.2 has
+        # only draft 7, and our schemas mean the same under both.
+        dialect = getattr(jsonschema, "Draft202012Validator", None) or jsonschema.Draft7Validator
+        _VALIDATORS[tool.name] = dialect(input_schema(tool))
+    return _VALIDATORS[tool.name]
 
 
 def check_arguments(tool: Tool, args: JSON) -> None:
     """Raise ToolError, with the first problem in jsonschema's words, unless args fit the schema."""
-    if arguments_fit(tool, args):
+    error = _jsonschema().exceptions.best_match(_validator(tool).iter_errors(args))
+    if error is None:
         return
-    import jsonschema  # deferred: needed only to word a rejection
-
-    # 2020-12 where the installed jsonschema has it (4.x); distro 3.2 has
-    # only draft 7, and our schemas mean the same under both.
-    validator = getattr(jsonschema, "Draft202012Validator", None) or jsonschema.Draft7Validator
-    error = jsonschema.exceptions.best_match(validator(input_schema(tool)).iter_errors(args))
-    if error is None:  # never seen; refuse all the same (fail closed)
-        log("bug: %s's arguments were refused, yet jsonschema accepts them" % tool.name)
-        raise ToolError("Invalid arguments for %s. See the tool's inputSchema." % tool.name)
     where = "/".join(str(part) for part in error.absolute_path)
     message = error.message
     if error.validator == "pattern":  # the regex itself would only confuse
         message = "%s is not in the accepted form" % bounded(repr(error.instance), 100)
-    prop = tool.properties.get(where)
+    prop = tool.properties.get(str(error.absolute_path[0])) if error.absolute_path else None
     raise ToolError("Invalid arguments for %s%s: %s.%s See the tool's inputSchema." % (
         tool.name, " at " + where if where else "", bounded(message, 300),
         " %s: %s" % (where, prop["description"]) if prop else ""))
 
 
-# approve(tool, args, confirmed, entry): None when a destructive call may go
-# ahead, else the result that asks a person (it raises ToolError to refuse).
+# approve(tool, args, confirmed, entry): None when a write may go ahead,
+# else the result that asks a person (it raises ToolError to refuse).
 Approve = Callable[[Tool, JSON, bool, JSON], Optional[JSON]]
 
 
 def call_tool(tool: Tool, args: JSON, platform: Platform, client: str, approve: Approve, entry: JSON) -> JSON:
-    """Validate, gate and make the one REST call behind a tool; entry collects the record of it."""
+    """Validate, gate and make the REST call behind a tool; entry collects the record of it."""
+    args = _checked(tool, args)
+    confirmed = args.pop("confirm", False) is True  # Security: never sent on
+    fields, count_by = args.pop("fields", None), args.pop("count_by", None)
+    if count_by is not None and "cursor" in args:
+        raise ToolError("Invalid arguments for %s: count_by reads every page itself; give no cursor." % tool.name)
+    if platform.config.audit_log:
+        # The record names what was targeted, never free text (a reason, a search).
+        entry["targets"] = {name: value for name, value in args.items() if not free_text(tool, name)}
+    if tool.write:
+        _within_write_rate(platform, entry)
+        if platform.config.human_only or needs_confirm(tool, args):
+            # Security: nothing is written until the call is confirmed as this
+            # server's settings and the client's abilities demand.
+            question = approve(tool, args, confirmed, entry)
+            if question is not None:
+                return question
+    for name, make in tool.defaults:
+        args.setdefault(name, make())
+    window = resolve_durations(args, time.time())
+    path = build_path(tool.path, args)
+    query = list(tool.fixed_query) + [(name, query_value(args[name])) for name in tool.properties
+                                      if name in args and tool.method == "GET"]
+    if count_by is not None:
+        result = count_items(platform, client, path, [(k, v) for k, v in query if k != "limit"], count_by)
+    else:
+        result = _send(tool, platform, client, path, query or None, None if tool.method == "GET" else args,
+                       fields, entry)
+    if window and not result.get("isError"):
+        result["content"].insert(1, {"type": "text", "text": window})
+    return result
+
+
+def _checked(tool: Tool, args: JSON) -> JSON:
+    """The arguments, checked against the tool's schema and as UTF-8; 5.0 given as an integer becomes 5."""
     check_arguments(tool, args)
     try:
         json.dumps(args, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # JSON text may hold "\ud800"; UTF-8 cannot
         raise ToolError("Invalid arguments for %s: a string holds a lone surrogate, which is not "
                         "valid Unicode." % tool.name) from None
-    # 5.0 passed as an integer; the platform gets 5.
-    args = {name: int(value) if type(value) is float else value for name, value in args.items()}
-    confirmed = args.pop("confirm", False) is True  # Security: never sent on
-    if platform.config.audit_log:
-        # The record names what was targeted, never free text (a reason, a search).
-        entry["targets"] = {name: value for name, value in args.items() if not free_text(tool, name)}
-    if needs_confirm(tool, args):
-        # Security: nothing is written until the call is confirmed as this
-        # server's settings and the client's abilities demand.
-        question = approve(tool, args, confirmed, entry)
-        if question is not None:
-            return question
-    for name, make in tool.defaults:
-        args.setdefault(name, make())
-    window = resolve_durations(args, time.time())
-    path = build_path(tool.path, args)
-    query = list(tool.fixed_query)
-    body = None
-    if tool.method == "GET":
-        query += [(name, query_value(args[name])) for name in tool.properties if name in args]
-    else:
-        body = args
+    return {name: int(value) if type(value) is float else value for name, value in args.items()}
+
+
+def _within_write_rate(platform: Platform, entry: JSON) -> None:
+    """Security: refuse a write beyond KVMFLEET_MCP_MAX_WRITES_PER_MINUTE, before anything is read or sent."""
+    # The platform's rate limits are sized for people; a looping or steered
+    # agent is not a person (MCP, server/tools: servers MUST rate limit).
+    wait = platform.write_wait()
+    if wait:
+        entry["refused"] = "write rate"
+        raise ToolError("Not done: this server sends at most %d writes in any 60 s "
+                        "(KVMFLEET_MCP_MAX_WRITES_PER_MINUTE), and that many were sent. The next write is "
+                        "allowed in %d s. Nothing was sent." % (platform.config.max_writes_per_minute,
+                                                                  int(wait) + 1))
+
+
+def _send(tool: Tool, platform: Platform, client: str, path: str, query: Optional[List[Tuple[str, str]]],
+          body: Optional[JSON], fields: Optional[List[str]], entry: JSON) -> JSON:
+    """The one REST call of a tool and its result; a write's result names its request id."""
     key = os.urandom(16).hex() if tool.write else ""
     entry["request_id"] = key or None
     said = ("Request id: %s (sent as its Idempotency-Key; quote it to find this call in KVM Fleet's "
             "audit log)." % key) if key else ""
     try:
-        reply = platform.call(tool.method, path, query or None, body, client, key)
+        reply = platform.call(tool.method, path, query, body, client, key)
+        entry.update(status=reply.status, platform_request_id=reply.request_id or None)
+        result = reply_result(tool.method, path, reply, platform.config, fields)
     except ToolError as exc:
         raise ToolError("%s\n%s" % (exc, said) if said else str(exc)) from None
-    entry.update(status=reply.status, platform_request_id=reply.request_id or None)
-    result = reply_result(tool.method, path, reply, platform.config)
-    if window and not result.get("isError"):
-        result["content"].append({"type": "text", "text": window})
+    except Exception:  # noqa: BLE001 - whatever it is, the model must learn the outcome is unknown
+        # Security: a sent write never ends as a bare "Internal error", without its request id.
+        log("internal error handling %s %s:\n%s" % (tool.method, path, traceback.format_exc()))
+        raise ToolError("%s %s: KVM Fleet's answer could not be handled (details on the server's stderr). "
+                        "%s\n%s" % (tool.method, path, _outcome(tool.method), said)) from None
     if said:
         result["content"].append({"type": "text", "text": said})
     return result
 
 
-def impact(args: JSON, platform: Platform, client: str) -> str:
-    """What a destructive call would touch, from reads made now; a failed read is said, not skipped."""
+def count_items(platform: Platform, client: str, path: str, query: List[Tuple[str, str]], field: str) -> JSON:
+    """count_by: every matching item read page by page and counted by one field, within bounds."""
+    config = platform.config
+    counts: collections.Counter[str] = collections.Counter()
+    total = pages = 0
+    cursor: Any = None
+    deadline = time.monotonic() + config.read_timeout
+    while True:
+        size = min(COUNT_PAGE, config.count_max_items - total)
+        page_query = query + [("limit", str(size))] + ([("cursor", str(cursor))] if cursor else [])
+        reply = platform.call("GET", path, page_query, None, client)
+        page = (_json_object(reply.body) if 200 <= reply.status < 300 else None) or {}
+        items = page.get("items")
+        if not isinstance(items, list):
+            result = reply_result("GET", path, reply, config)
+            result["isError"] = True
+            result["content"].append({"type": "text", "text": "Counting stopped at page %d: %d pages (%d items) "
+                                      "were read before it." % (pages + 1, pages, total)})
+            return result
+        pages += 1
+        total += len(items)
+        counts.update(value if isinstance(value, str) else compact(value)
+                      for value in (item.get(field) if isinstance(item, dict) else None for item in items))
+        cursor = page.get("next_cursor")
+        if not cursor:
+            stop = ""
+        elif total >= config.count_max_items:
+            stop = "KVMFLEET_MCP_COUNT_MAX_ITEMS=%d" % config.count_max_items
+        elif time.monotonic() > deadline:
+            stop = "the read timeout of %g s" % config.read_timeout
+        else:
+            continue
+        return text_result(compact(_counted(field, counts, total, pages, stop)), config.max_result_chars)
+
+
+def _counted(field: str, counts: collections.Counter[str], total: int, pages: int, stop: str) -> JSON:
+    """The answer of a count: complete, or where it stopped and how to narrow it."""
+    ranked = sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))
+    result: JSON = {"total" if not stop else "counted": total, "count_by": field,
+                    "counts": dict(ranked[:COUNT_MAX_VALUES]), "complete": not stop, "pages_read": pages}
+    if len(ranked) > COUNT_MAX_VALUES:
+        result["values_not_shown"] = len(ranked) - COUNT_MAX_VALUES
+    if stop:
+        result["stopped_by"] = stop
+        result["to_count_all"] = "narrow the filters (e.g. status, since, device_id) and count again"
+    return result
+
+
+def impact(tool: Tool, args: JSON, platform: Platform, client: str) -> str:
+    """What a write would touch, from reads made now; a failed read is said, not skipped."""
     lines = []
     if "device_id" in args:
         device_id = args["device_id"]
@@ -1163,11 +1451,14 @@ def impact(args: JSON, platform: Platform, client: str) -> str:
         lines.append(_listed(platform, client, "active access grants on it", "/v1/access-grants",
                              where + [("status", "active")], None, _grant_line))
     if "grant_id" in args:
+        status = "active" if tool.destructive else "pending"  # revoked, or approved or denied
         lines.append(_listed(platform, client, "access grant", "/v1/access-grants",
-                             [("status", "active")], args["grant_id"], _grant_line, "active grants"))
+                             [("status", status)], args["grant_id"], _grant_line, status + " grants"))
     if "session_id" in args:
         lines.append(_listed(platform, client, "console session", "/v1/console-sessions",
                              [("open_only", "true")], args["session_id"], _session_line, "open sessions"))
+    if not lines:
+        return ""
     return "What it would touch, read from KVM Fleet just now:\n" + "\n".join("- " + line for line in lines)
 
 
@@ -1188,15 +1479,6 @@ def _read(platform: Platform, client: str, what: str, path: str,
 def free_text(tool: Tool, name: str) -> bool:
     """Whether an argument is free text (a reason, a search), not an id, a time or a choice."""
     return "pattern" not in tool.properties[name] and "enum" not in tool.properties[name]
-
-
-def _json_object(body: bytes) -> Optional[JSON]:
-    """A body's JSON object, or None for anything else (including nesting too deep to parse)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _listed(platform: Platform, client: str, what: str, path: str, query: List[Tuple[str, str]],
@@ -1236,8 +1518,6 @@ def _shown(value: Any) -> str:
 
 def _age(stamp: Any) -> str:
     """', open for 9 h 3 min' from an RFC 3339 UTC time, or '' when it cannot be read."""
-    import calendar
-
     try:
         seconds = time.time() - calendar.timegm(time.strptime(str(stamp)[:19], "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
@@ -1249,15 +1529,59 @@ def write_record(path: str, entry: JSON) -> None:
     """Append one line to the record of agent actions; a failure is logged and the call goes on."""
     line = compact(entry).encode("utf-8", "backslashreplace")
     try:
-        # Security: created 0600 and only ever appended to; it holds no
-        # token and no bodies, only who called which tool on what, and how.
-        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # Security: created 0600 and only ever appended to; never opened
+        # through a symlink (O_NOFOLLOW), nor blocked on a planted FIFO
+        # (O_NONBLOCK), and written only into a private regular file of ours.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        handle = os.open(path, flags, 0o600)
         try:
-            os.write(handle, line + b"\n")
+            refused = _not_ours(os.fstat(handle))
+            if not refused:
+                os.write(handle, line + b"\n")
         finally:
             os.close(handle)
     except OSError as exc:
-        log("could not append to KVMFLEET_MCP_AUDIT_LOG=%s (%s); the call went on" % (path, exc.strerror))
+        refused = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+    if refused:
+        log("could not append to KVMFLEET_MCP_AUDIT_LOG=%s (%s); the call went on" % (path, refused))
+
+
+def _not_ours(info: os.stat_result) -> str:
+    """Why a record file must not be written ('' when it is a regular file of ours, mode 0600)."""
+    if not stat.S_ISREG(info.st_mode):
+        return "it is not a regular file"
+    if os.name == "posix" and info.st_uid != os.geteuid():
+        return "it belongs to uid %d, not to this server's user" % info.st_uid
+    if os.name == "posix" and stat.S_IMODE(info.st_mode) != 0o600:
+        return "its mode is %o, not 600: chmod 600 it" % stat.S_IMODE(info.st_mode)
+    return ""
+
+
+def token_scope(platform: Platform, client: str) -> Tuple[Optional[JSON], str]:
+    """Ask GET /v1/tokens/current, bounded to a short wait: its answer (or None) and what it said."""
+    try:
+        reply = platform.call("GET", "/v1/tokens/current", None, None, client, quick=SCOPE_TIMEOUT)
+    except ToolError as exc:
+        return None, "no answer from GET /v1/tokens/current (%s)" % bounded(str(exc), 200)
+    data = _json_object(reply.body) if reply.status == 200 else None
+    if data is None:
+        return None, "GET /v1/tokens/current answered HTTP %d without a token description" % reply.status
+    return data, "role %s, scope %s" % (bounded(str(data.get("role")), 40), bounded(str(data.get("scope")), 40))
+
+###############################################################################
+# Asking a person #############################################################
+###############################################################################
+
+
+class Call(NamedTuple):
+    """What asking a person about one tools/call needs to know of it."""
+
+    params: JSON  # the tools/call params, with a 2026 retry's answers
+    modern: Optional[str]  # the call's 2026 protocol version, or None for the handshake era
+    legacy_version: Optional[str]  # the version the handshake negotiated
+    capabilities: Any  # the client's
+    call_id: Any  # the JSON-RPC id of the tools/call
+    client: str  # the client tag, named in the question
 
 
 def asks_forms(capabilities: Any) -> bool:
@@ -1279,60 +1603,174 @@ def verdict(answer: Any) -> Tuple[str, str]:
     return "gave an answer this server does not understand", "malformed"
 
 
-def _id_of(line: bytes) -> Any:
-    """The id of the request on a line, or None."""
-    try:
-        message = parse_line(line)
-    except (ValueError, RecursionError):
-        return None
-    return message.get("id") if isinstance(message, dict) else None
-
-
-def same_id(one: Any, other: Any) -> bool:
-    """JSON-RPC ids compared as JSON does: 1 is not true, nor 1.0, nor "1"."""
-    return type(one) is type(other) and one == other
-
-
 def _not_approved(what: str, why: str) -> ToolError:
     return ToolError("Not done: %s, and the user %s. No write was sent to KVM Fleet. Do not try again "
                      "unless the user asks you to." % (what, why))
 
 
-def _digest(args: JSON) -> str:
-    import hashlib
+class Asker:
+    """Puts a write to the client's user: elicitation mid-call (handshake era) or input_required (2026)."""
 
-    return hashlib.sha256(json.dumps(args, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    def __init__(self, config: Config, platform: Platform, answer: Callable[[bytes], Optional[bytes]]) -> None:
+        self.config = config
+        self.platform = platform
+        self.answer = answer  # how the server answers a ping that comes while a person is asked
+        self.channel: Optional[Channel] = None  # set by serve(): how a person is asked mid-call
+        # Security: requestState is signed with this secret of the process
+        # (and the token), so a client cannot forge or alter a person's "yes";
+        # each "yes" is spent once (nonce -> expiry).
+        self._key = os.urandom(32)
+        self._spent: Dict[str, float] = {}
 
+    def approve(self, tool: Tool, args: JSON, confirmed: bool, entry: JSON, call: Call) -> Optional[JSON]:
+        """None when this write may go ahead; a question for a person; or ToolError."""
+        what = "%s would %s" % (tool.name, tool.effect.format(**args))
+        if asks_forms(call.capabilities) and (call.modern or str(call.legacy_version) >= ELICITATION_SINCE):
+            entry["confirmation"] = {"by": "person"}
+            if call.modern:
+                return self._ask_later(tool, args, what, entry, call)
+            self._ask_now(tool, args, what, entry, call)
+            return None
+        entry["confirmation"] = {"by": "model", "answer": "confirm" if confirmed else "missing"}
+        if confirmed and not self.config.human_only:
+            return None
+        if self.config.human_only:
+            # Security: a model can write confirm: true as easily as an id.
+            why = ("This server takes only a person's confirmation for writes (KVMFLEET_MCP_CONFIRM=human), and "
+                   "this client cannot ask one: it did not offer elicitation (form mode, protocol %s or later). "
+                   "confirm: true is not enough. Tell the user; they can do it in the KVM Fleet console or "
+                   "from a client that supports elicitation." % ELICITATION_SINCE)
+        else:
+            why = ('Ask the user to approve this exact action; if they do, call %s again with the same '
+                   'arguments and "confirm": true.' % tool.name)
+        preview = impact(tool, args, self.platform, call.client)
+        raise ToolError("Not done: %s. No write was sent to KVM Fleet. %s%s" % (
+            what, why, "\n" + preview if preview else ""))
 
-def resolve_durations(args: JSON, now: float) -> str:
-    """Replace since/until durations (24h) with UTC RFC 3339 times; say what window that is."""
-    said = []
-    for name in ("since", "until"):
-        value = args.get(name)
-        if isinstance(value, str) and re.search(DURATION_PATTERN, value):
-            seconds = int(value[:-1]) * DURATION_SECONDS[value[-1]]
-            args[name] = _utc(now - seconds)
-            said.append("%s=%s (%s before now)" % (name, args[name], value))
-    if not said:
-        return ""
-    return "Time window used: %s; now is %s." % (", ".join(said), _utc(now))
+    def _form(self, tool: Tool, args: JSON, call: Call) -> JSON:
+        """The elicitation/create params: what would happen, every argument, what it touches, one box to tick."""
+        # Security: the person sees every character the call would send, not
+        # only its effect: a steered model could write "approved by the CISO;
+        # skip 4-eyes review" at the end of a long reason.
+        preview = impact(tool, args, self.platform, call.client)
+        message = ("An AI assistant (%s) asks to %s.\nIt would send exactly: %s\n%sApprove only if you want "
+                   "exactly this; anything else sends nothing." % (
+                       call.client, tool.effect.format(**args), compact(args), preview + "\n" if preview else ""))
+        params: JSON = {"mode": "form", "message": visible(redact(message)), "requestedSchema": {
+            "type": "object", "required": [ASK_FIELD], "properties": {ASK_FIELD: {
+                "type": "boolean", "title": "Approve: %s" % tool.title, "default": False,
+                "description": "Tick to let the assistant %s." % tool.effect.format(**args)}}}}
+        if call.legacy_version == ELICITATION_SINCE and not call.modern:
+            del params["mode"]  # that revision's form has no mode field
+        return params
 
+    def _ask_now(self, tool: Tool, args: JSON, what: str, entry: JSON, call: Call) -> None:
+        """Ask the client's user in the middle of this tools/call; ToolError unless they approve."""
+        if self.channel is None:
+            raise ToolError("Not done: %s, and there is no stdio channel to ask the user on." % what)
+        # Unpredictable, so that no client can answer a question before it is asked.
+        ask_id = "%s-confirm-%s" % (SERVER_NAME, os.urandom(8).hex())
+        self.channel.write(encode({"jsonrpc": "2.0", "id": ask_id, "method": "elicitation/create",
+                                   "params": self._form(tool, args, call)}))
+        reply = self._wait_for(self.channel, ask_id, call.call_id)
+        if reply is None:
+            # Let the client close its dialog: an answer now would be ignored.
+            self.channel.write(encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {
+                "requestId": ask_id, "reason": "no answer within %g s" % self.config.confirm_timeout}}))
+            why, label = "did not answer within %g s" % self.config.confirm_timeout, "timeout"
+        elif "result" in reply:
+            why, label = verdict(reply["result"])
+        elif "error" in reply:
+            why, label = "could not be asked (the client answered %s)" % bounded(
+                json.dumps(reply["error"]), 200), "error"
+        else:
+            why, label = "could not be asked (the client closed stdin)", "closed"
+        entry["confirmation"]["answer"] = label
+        if why:
+            raise _not_approved(what, why)
 
-def _utc(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    def _wait_for(self, channel: Channel, ask_id: str, call_id: Any) -> Optional[JSON]:
+        """The client's response to our request ask_id, serving pings meanwhile; {} at EOF, None on timeout."""
+        deadline = time.monotonic() + self.config.confirm_timeout
+        while True:
+            line = channel.read(max(deadline - time.monotonic(), 0.0))
+            if line is None:
+                return None
+            if not line:
+                return {}
+            try:
+                message = parse_line(line)
+            except (ValueError, RecursionError):
+                message = None
+            method = message.get("method") if isinstance(message, dict) else None
+            params = message.get("params") if isinstance(message, dict) else None
+            if isinstance(message, dict) and method is None and message.get("id") == ask_id:
+                return message
+            if method == "ping" and request_id_of(message) is not None:
+                channel.write(self.answer(line) or b"")
+            elif method == "notifications/cancelled" and isinstance(params, dict):
+                if same_id(params.get("requestId"), call_id):
+                    channel.write(encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {
+                        "requestId": ask_id, "reason": "the call was cancelled"}}))
+                    raise Abandoned()
+                # Security: a request cancelled while it waited is dropped, never run later.
+                channel.drop_waiting(params.get("requestId"))
+            elif not channel.put_aside(line, request_id_of(message)) and request_id_of(message) is not None:
+                channel.write(encode(error_response(request_id_of(message), INVALID_REQUEST, (
+                    "Busy: the user is being asked to confirm another call; send this again after it"))))
 
+    def _ask_later(self, tool: Tool, args: JSON, what: str, entry: JSON, call: Call) -> Optional[JSON]:
+        """2026-07-28: ask with an input_required result; go ahead on the retry that carries a yes."""
+        answers = call.params.get("inputResponses")
+        answer = answers.get(ASK_KEY) if isinstance(answers, dict) else None
+        if answer is None:
+            entry["confirmation"]["answer"] = "asked"
+            return {"resultType": "input_required", "requestState": self._seal(tool, args),
+                    "inputRequests": {ASK_KEY: {"method": "elicitation/create",
+                                                "params": self._form(tool, args, call)}}}
+        nonce, until = self._unseal(call.params.get("requestState"), tool, args, what)
+        why, label = verdict(answer)
+        entry["confirmation"]["answer"] = label
+        if why:
+            raise _not_approved(what, why)
+        now = time.time()
+        self._spent = {spent: end for spent, end in self._spent.items() if end >= now}
+        # Security: one person's yes makes one call; a replayed retry is refused.
+        if nonce in self._spent:
+            raise ToolError("Not done: %s. This approval was already used once; ask again." % what)
+        self._spent[nonce] = until
+        return None
 
-def token_scope(platform: Platform, client: str) -> Tuple[Optional[JSON], str]:
-    """Ask GET /v1/tokens/current, bounded to a short wait: its answer (or None) and what it said."""
-    try:
-        reply = platform.call("GET", "/v1/tokens/current", None, None, client, quick=SCOPE_TIMEOUT)
-    except ToolError as exc:
-        return None, "no answer from GET /v1/tokens/current (%s)" % bounded(str(exc), 200)
-    data = _json_object(reply.body) if reply.status == 200 else None
-    if data is None:
-        return None, "GET /v1/tokens/current answered HTTP %d without a token description" % reply.status
-    return data, "role %s, scope %s" % (bounded(str(data.get("role")), 40), bounded(str(data.get("scope")), 40))
+    def _seal(self, tool: Tool, args: JSON) -> str:
+        """requestState: which call a question is for and until when, signed."""
+        payload = json.dumps({"tool": tool.name, "args": _digest(args), "nonce": os.urandom(12).hex(),
+                              "until": time.time() + self.config.confirm_timeout}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(payload.encode()).decode() + "." + self._mac(payload)
 
+    def _mac(self, payload: str) -> str:
+        # Security: keyed with this process's secret and bound to its token,
+        # so state from another process or principal fails verification.
+        return hmac.new(self._key, (payload + "\n" + self.config.bearer()).encode(), "sha256").hexdigest()
+
+    def _unseal(self, state: Any, tool: Tool, args: JSON, what: str) -> Tuple[str, float]:
+        """The nonce and expiry of a requestState we signed for exactly this call; else ToolError."""
+        # Security: requestState comes back through the client, so it is
+        # attacker-controlled: verified before a byte of it is believed.
+        fields: Any = None
+        try:
+            encoded, mac = str(state).split(".")
+            payload = base64.urlsafe_b64decode(encoded.encode("ascii")).decode()
+            if hmac.compare_digest(mac.encode("ascii"), self._mac(payload).encode()):
+                fields = json.loads(payload)
+        except ValueError:  # includes bad base64, non-ASCII and undecodable bytes
+            fields = None
+        if not isinstance(fields, dict) or fields["tool"] != tool.name or fields["args"] != _digest(args):
+            raise ToolError("Not done: %s. The answer came with a requestState that this server did not "
+                            "issue for this tool and these arguments. No write was sent." % what)
+        if fields["until"] < time.time():
+            raise ToolError("Not done: %s. The user's answer came after %g s; ask again." % (
+                what, self.config.confirm_timeout))
+        return str(fields["nonce"]), float(fields["until"])
 
 ###############################################################################
 # JSON-RPC dispatch ###########################################################
@@ -1345,18 +1783,12 @@ class Server:
     def __init__(self, config: Config, platform: Optional[Platform] = None) -> None:
         self.config = config
         self.platform = platform or Platform(config)
+        self.asker = Asker(config, self.platform, self.handle_line)
         self.legacy_version: Optional[str] = None  # set by initialize
         self.client_info: Optional[JSON] = None
         self._tag = client_tag(None)  # x-kvmfleet-mcp-client for the initialized session
         self.client_capabilities: JSON = {}
-        self.channel: Optional[Channel] = None  # set by serve(): how a person is asked mid-call
         self._request_id: Any = None  # of the request being handled
-        self._asked = 0  # elicitation requests sent, for their ids
-        # Security: requestState is signed with this secret of the process
-        # (and the token), so a client cannot forge or alter a person's "yes";
-        # each "yes" is spent once (nonce -> expiry).
-        self._key = os.urandom(32)
-        self._spent: Dict[str, float] = {}
         self._tools: Optional[Dict[str, Tool]] = None  # decided once: see offered()
         self._listing: Optional[List[JSON]] = None
         self._methods: Dict[str, Callable[[JSON, Optional[str]], JSON]] = {
@@ -1418,8 +1850,7 @@ class Server:
         if "id" not in message or "method" not in message and ("result" in message or "error" in message):
             return None  # a notification (initialized, cancelled, ...), or a response: we sent no request
         request_id = message["id"]
-        # Ids are strings or integers; bool is an int in Python but not in JSON.
-        if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        if request_id_of(message) is None:  # ids are strings or integers; bool is an int in Python, not in JSON
             return error_response(None, INVALID_REQUEST, "id must be a string or an integer")
         method = message.get("method")
         if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
@@ -1431,7 +1862,7 @@ class Server:
         try:
             modern = self._era(method, params)
             handler = self._methods.get(method)
-            if handler is None:
+            if handler is None or modern and method in LEGACY_ONLY_METHODS:
                 raise ProtocolError(METHOD_NOT_FOUND, "Method not found: %s" % bounded(method, 100))
             self._request_id = request_id
             result = handler(params, modern)
@@ -1444,26 +1875,23 @@ class Server:
         except Abandoned:
             return None  # the client cancelled it: a cancelled request gets no reply
         except Exception:  # noqa: BLE001 - the one catch-all, at the boundary
-            import traceback  # only ever needed here
-
             log("internal error on %s:\n%s" % (bounded(method, 100), traceback.format_exc()))
             return error_response(request_id, INTERNAL_ERROR, "Internal error (details on the server's stderr)")
 
     def _era(self, method: str, params: JSON) -> Optional[str]:
-        """The request's modern protocol version, or None for the legacy session."""
-        if self.legacy_version is not None:
-            # An initialize selected the legacy era for the life of the process.
-            if method == "initialize":
+        """The request's 2026 protocol version, or None for the handshake era."""
+        meta: JSON = params["_meta"] if isinstance(params.get("_meta"), dict) else {}
+        version = meta.get(META_VERSION)
+        # A request stamped with a 2026 version is served by the 2026 rules
+        # alone, in either era (where initialize and ping do not exist).
+        if version not in MODERN_VERSIONS and (self.legacy_version is not None or META_VERSION not in meta):
+            if self.legacy_version is not None and method == "initialize":
                 raise ProtocolError(INVALID_REQUEST, "Already initialized")
-            return None
-        meta = params.get("_meta")
-        if method == "initialize" or not isinstance(meta, dict) or META_VERSION not in meta:
-            if method in ("initialize", "ping"):
+            if self.legacy_version is not None or method in LEGACY_ONLY_METHODS:
                 return None
             raise ProtocolError(INVALID_REQUEST, (
                 "Not initialized: send initialize first, or a %s request with _meta.%s"
                 % (MODERN_VERSIONS[-1], META_VERSION)))
-        version = meta[META_VERSION]
         if version in LEGACY_VERSIONS:
             raise ProtocolError(INVALID_REQUEST, "Protocol %s needs the initialize handshake first" % version)
         if version not in MODERN_VERSIONS:
@@ -1565,199 +1993,29 @@ class Server:
         if tool is None:
             raise ProtocolError(INVALID_PARAMS, "Unknown tool: %s" % bounded(name, 100))
         client = self.client_info if modern is None else params["_meta"].get(META_CLIENT)
-        tag = self._tag if modern is None else client_tag(client)
-        call_id, started, entry = self._request_id, time.monotonic(), {"tool": tool.name, "write": tool.write}
-
-        def approve(tool: Tool, args: JSON, confirmed: bool, entry: JSON) -> Optional[JSON]:
-            return self._approve(tool, args, confirmed, entry, params, modern, call_id, tag)
-
+        call = Call(params, modern, self.legacy_version,
+                    self.client_capabilities if modern is None else params["_meta"].get(META_CAPABILITIES),
+                    self._request_id, self._tag if modern is None else client_tag(client))
+        started, entry, outcome = time.monotonic(), {"tool": tool.name, "write": tool.write}, "internal error"
         try:
             try:
-                result = call_tool(tool, args, self.platform, tag, approve, entry)
+                result = call_tool(tool, args, self.platform, call.client, lambda tool, args, confirmed, entry:
+                                   self.asker.approve(tool, args, confirmed, entry, call), entry)
             except ToolError as exc:
-                result = text_result(str(exc), is_error=True)
+                result = text_result(str(exc), self.config.max_result_chars, is_error=True)
+            outcome = ("asked a person" if result.get("resultType") == "input_required"
+                       else "error" if result.get("isError") else "done")
+            return result
         except Abandoned:
-            self._record(entry, client, started, "cancelled by the client")
+            outcome = "cancelled by the client"
             raise
-        self._record(entry, client, started, "asked a person" if result.get("resultType") == "input_required"
-                     else "error" if result.get("isError") else "done")
-        return result
-
-    def _record(self, entry: JSON, client: Any, started: float, outcome: str) -> None:
-        if self.config.audit_log:
-            write_record(self.config.audit_log, dict(
-                {"time": _utc(time.time()), "client": {
+        finally:
+            # Security: every call leaves its line in the record, however it ends.
+            if self.config.audit_log:
+                write_record(self.config.audit_log, dict({"time": _utc(time.time()), "client": {
                     "name": _header_safe(client.get("name")) if isinstance(client, dict) else "",
                     "version": _header_safe(client.get("version")) if isinstance(client, dict) else ""}},
-                **entry, outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1)))
-
-    # -- confirmation by a person ---------------------------------------------
-
-    def _approve(self, tool: Tool, args: JSON, confirmed: bool, entry: JSON, params: JSON,
-                 modern: Optional[str], call_id: Any, client: str) -> Optional[JSON]:
-        """None when this destructive call may go ahead; a question for a person; or ToolError."""
-        what = "%s would %s" % (tool.name, tool.effect.format(**args))
-        capabilities = params["_meta"].get(META_CAPABILITIES) if modern else self.client_capabilities
-        if asks_forms(capabilities) and (modern or str(self.legacy_version) >= ELICITATION_SINCE):
-            entry["confirmation"] = {"by": "person"}
-            if modern:
-                return self._ask_later(tool, args, params, what, entry, client)
-            self._ask_now(tool, args, what, entry, call_id, client)
-            return None
-        entry["confirmation"] = {"by": "model", "answer": "confirm" if confirmed else "missing"}
-        if confirmed and not self.config.human_only:
-            return None
-        if self.config.human_only:
-            # Security: a model can write confirm: true as easily as an id.
-            why = ("This server takes only a person's confirmation for it (KVMFLEET_MCP_CONFIRM=human), and "
-                   "this client cannot ask one: it did not offer elicitation (form mode, protocol %s or later). "
-                   "confirm: true is not enough. Tell the user; they can do it in the KVM Fleet console or "
-                   "from a client that supports elicitation." % ELICITATION_SINCE)
-        else:
-            why = ('Ask the user to approve this exact action; if they do, call %s again with the same '
-                   'arguments and "confirm": true.' % tool.name)
-        raise ToolError("Not done: %s. No write was sent to KVM Fleet. %s\n%s" % (
-            what, why, impact(args, self.platform, client)))
-
-    def _form(self, tool: Tool, args: JSON, client: str) -> JSON:
-        """The elicitation/create params: what would happen, what it touches, one box to tick."""
-        # Security: the person sees every word the call would send, not only
-        # its effect: a steered model could write "approved by the CISO" in a reason.
-        text = ["%s %s" % (name, _shown(value)) for name, value in args.items() if free_text(tool, name)]
-        message = ("An AI assistant (%s) asks to %s.%s\n%s\nApprove only if you want exactly this; "
-                   "anything else sends nothing." % (
-                       client, tool.effect.format(**args), " With " + ", ".join(text) + "." if text else "",
-                       impact(args, self.platform, client)))
-        params: JSON = {"mode": "form", "message": visible(redact(message)), "requestedSchema": {
-            "type": "object", "required": [ASK_FIELD], "properties": {ASK_FIELD: {
-                "type": "boolean", "title": "Approve: %s" % tool.title, "default": False,
-                "description": "Tick to let the assistant %s." % tool.effect.format(**args)}}}}
-        if self.legacy_version == ELICITATION_SINCE:
-            del params["mode"]  # that revision's form has no mode field
-        return params
-
-    def _ask_now(self, tool: Tool, args: JSON, what: str, entry: JSON, call_id: Any, client: str) -> None:
-        """Ask the client's user in the middle of this tools/call; ToolError unless they approve."""
-        if self.channel is None:
-            raise ToolError("Not done: %s, and there is no stdio channel to ask the user on." % what)
-        self._asked += 1
-        ask_id = "%s-confirm-%d" % (SERVER_NAME, self._asked)
-        self.channel.write(encode({"jsonrpc": "2.0", "id": ask_id, "method": "elicitation/create",
-                                   "params": self._form(tool, args, client)}))
-        reply = self._wait_for(self.channel, ask_id, call_id)
-        if reply is None:
-            # Let the client close its dialog: an answer now would be ignored.
-            self.channel.write(encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {
-                "requestId": ask_id, "reason": "no answer within %g s" % self.config.confirm_timeout}}))
-            why, label = "did not answer within %g s" % self.config.confirm_timeout, "timeout"
-        elif "result" in reply:
-            why, label = verdict(reply["result"])
-        elif "error" in reply:
-            why, label = "could not be asked (the client answered %s)" % bounded(
-                json.dumps(reply["error"]), 200), "error"
-        else:
-            why, label = "could not be asked (the client closed stdin)", "closed"
-        entry["confirmation"]["answer"] = label
-        if why:
-            raise _not_approved(what, why)
-
-    def _wait_for(self, channel: Channel, ask_id: str, call_id: Any) -> Optional[JSON]:
-        """The client's response to our request ask_id, serving pings meanwhile; {} at EOF, None on timeout."""
-        deadline = time.monotonic() + self.config.confirm_timeout
-        while True:
-            line = channel.read(max(deadline - time.monotonic(), 0.0))
-            if line is None:
-                return None
-            if not line:
-                return {}
-            try:
-                message = parse_line(line)
-            except (ValueError, RecursionError):
-                message = None
-            if isinstance(message, dict):
-                method, params = message.get("method"), message.get("params")
-                if message.get("id") == ask_id and method is None:
-                    return message
-                if method == "ping" and "id" in message:
-                    channel.write(self.handle_line(line) or b"")
-                    continue
-                if method == "notifications/cancelled" and isinstance(params, dict):
-                    if same_id(params.get("requestId"), call_id):
-                        channel.write(encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {
-                            "requestId": ask_id, "reason": "the call was cancelled"}}))
-                        raise Abandoned()
-                    # Security: a request cancelled while it waited is dropped, never run later.
-                    channel.later = [waiting for waiting in channel.later
-                                     if not same_id(_id_of(waiting), params.get("requestId"))]
-                    continue
-            # Anything else waits its turn: answered in order, after this call.
-            request_id = _id_of(line)
-            if sum(map(len, channel.later)) + len(line) <= MAX_WAITING_BYTES:
-                channel.later.append(line)
-            elif isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
-                channel.write(encode(error_response(request_id, INVALID_REQUEST, (
-                    "Busy: the user is being asked to confirm another call; send this again after it"))))
-
-    def _ask_later(self, tool: Tool, args: JSON, params: JSON, what: str, entry: JSON,
-                   client: str) -> Optional[JSON]:
-        """2026-07-28: ask with an input_required result; go ahead on the retry that carries a yes."""
-        answers = params.get("inputResponses")
-        answer = answers.get(ASK_KEY) if isinstance(answers, dict) else None
-        if answer is None:
-            entry["confirmation"]["answer"] = "asked"
-            return {"resultType": "input_required", "requestState": self._seal(tool, args),
-                    "inputRequests": {ASK_KEY: {"method": "elicitation/create",
-                                                "params": self._form(tool, args, client)}}}
-        nonce, until = self._unseal(params.get("requestState"), tool, args, what)
-        why, label = verdict(answer)
-        entry["confirmation"]["answer"] = label
-        if why:
-            raise _not_approved(what, why)
-        now = time.time()
-        self._spent = {spent: end for spent, end in self._spent.items() if end >= now}
-        # Security: one person's yes makes one call; a replayed retry is refused.
-        if nonce in self._spent:
-            raise ToolError("Not done: %s. This approval was already used once; ask again." % what)
-        self._spent[nonce] = until
-        return None
-
-    def _seal(self, tool: Tool, args: JSON) -> str:
-        """requestState: which call a question is for and until when, signed."""
-        import base64
-
-        payload = json.dumps({"tool": tool.name, "args": _digest(args), "nonce": os.urandom(12).hex(),
-                              "until": time.time() + self.config.confirm_timeout}, separators=(",", ":"))
-        return base64.urlsafe_b64encode(payload.encode()).decode() + "." + self._mac(payload)
-
-    def _mac(self, payload: str) -> str:
-        import hmac
-
-        # Security: keyed with this process's secret and bound to its token,
-        # so state from another process or principal fails verification.
-        return hmac.new(self._key, (payload + "\n" + self.config.bearer()).encode(), "sha256").hexdigest()
-
-    def _unseal(self, state: Any, tool: Tool, args: JSON, what: str) -> Tuple[str, float]:
-        """The nonce and expiry of a requestState we signed for exactly this call; else ToolError."""
-        import base64
-        import hmac
-
-        # Security: requestState comes back through the client, so it is
-        # attacker-controlled: verified before a byte of it is believed.
-        fields: Any = None
-        try:
-            encoded, mac = str(state).split(".")
-            payload = base64.urlsafe_b64decode(encoded.encode("ascii")).decode()
-            if hmac.compare_digest(mac.encode("ascii"), self._mac(payload).encode()):
-                fields = json.loads(payload)
-        except ValueError:  # includes bad base64, non-ASCII and undecodable bytes
-            fields = None
-        if not isinstance(fields, dict) or fields["tool"] != tool.name or fields["args"] != _digest(args):
-            raise ToolError("Not done: %s. The answer came with a requestState that this server did not "
-                            "issue for this tool and these arguments. No write was sent." % what)
-        if fields["until"] < time.time():
-            raise ToolError("Not done: %s. The user's answer came after %g s; ask again." % (
-                what, self.config.confirm_timeout))
-        return str(fields["nonce"]), float(fields["until"])
+                    **entry, outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1)))
 
 
 ###############################################################################
@@ -1766,7 +2024,7 @@ class Server:
 
 
 class Channel:
-    """Stdin as lines, stdout as messages."""
+    """Stdin as lines, stdout as messages; lines put aside while a person is asked."""
 
     def __init__(self, stdin: Any, stdout: IO[bytes]) -> None:
         # An unbuffered stdin (sys.stdin.buffer.raw): read(n) returns what has
@@ -1774,91 +2032,113 @@ class Channel:
         self._read = getattr(stdin, "read1", None) or stdin.read
         self._out = stdout
         self._buffer = bytearray()
-        self._queue: Any = None  # lines from a reader thread, once a read needed a time limit
+        self._scanned = 0  # the buffer holds no newline before this offset
+        self._dropping = False  # the rest of an overlong line is being read and dropped
+        # Stdin's chunks from a reader thread, once a read needed a time limit.
+        self._chunks: Optional[queue.Queue[bytes]] = None
         self._ended = False
-        self.later: List[bytes] = []  # lines put aside while a person was asked; served next
+        # Security: constant work per line put aside: a deque, and running counts.
+        self._waiting: Deque[Tuple[Any, bytes]] = collections.deque()  # (request id, line)
+        self._waiting_bytes = 0
 
     def write(self, data: bytes) -> None:
         self._out.write(data)
         self._out.flush()
 
     def next_line(self) -> bytes:
-        """The next line to serve (b"" at the end): put-aside lines first."""
-        return self.later.pop(0) if self.later else self.read() or b""
+        """The next line to serve (b"" at the end): lines put aside first."""
+        if self._waiting:
+            line = self._waiting.popleft()[1]
+            self._waiting_bytes -= len(line)
+            return line
+        return self.read() or b""
+
+    def put_aside(self, line: bytes, request_id: Any) -> bool:
+        """Keep a line to serve after the question; False when the bound is reached."""
+        if len(self._waiting) >= MAX_WAITING_LINES or self._waiting_bytes + len(line) > MAX_WAITING_BYTES:
+            return False
+        self._waiting.append((request_id, line))
+        self._waiting_bytes += len(line)
+        return True
+
+    def drop_waiting(self, request_id: Any) -> None:
+        """Forget the put-aside request with this id (it was cancelled)."""
+        kept = [(waiting, line) for waiting, line in self._waiting if not same_id(waiting, request_id)]
+        if len(kept) != len(self._waiting):
+            self._waiting = collections.deque(kept)
+            self._waiting_bytes = sum(len(line) for _, line in kept)
 
     def read(self, timeout: Optional[float] = None) -> Optional[bytes]:
-        """The next stdin line (b"" at the end), or None when timeout seconds pass first."""
-        if self._ended:
-            return b""
-        if self._queue is None and timeout is None:
-            line = self._read_line()
-        else:
-            import queue
+        """The next stdin line (b"" at the end), or None when timeout seconds pass first.
 
-            if self._queue is None:
-                # Waiting for a person's answer needs a read with a time limit;
-                # from then on a thread reads stdin and this takes its lines.
-                self._queue = queue.Queue(READ_AHEAD_LINES)
-                start_thread(self._pump, "stdin", daemon=True)
-            try:
-                line = self._queue.get(timeout=timeout)
-            except queue.Empty:
+        A line over MAX_LINE_BYTES comes back cut there (without its newline),
+        and the rest of it is read and dropped as it arrives.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            end = self._buffer.find(b"\n", self._scanned)
+            if self._dropping:  # the rest of an overlong line, dropped as it arrives
+                del self._buffer[:end + 1 if end >= 0 else len(self._buffer)]
+                self._dropping, self._scanned = end < 0, 0
+                if end >= 0:
+                    continue
+            elif end > MAX_LINE_BYTES or end < 0 and len(self._buffer) > MAX_LINE_BYTES:
+                # Security: a client cannot make the server buffer without bound.
+                self._dropping = True
+                return bytes(self._buffer[:MAX_LINE_BYTES + 1])
+            elif end >= 0 or self._ended:
+                line = bytes(self._buffer[:end + 1] if end >= 0 else self._buffer)
+                del self._buffer[:len(line)]
+                self._scanned = 0
+                return line
+            self._scanned = len(self._buffer)
+            if self._ended:
+                return b""
+            chunk = self._next_chunk(deadline)
+            if chunk is None:
                 return None
-        self._ended = not line
-        return line
+            self._ended = not chunk
+            self._buffer += chunk
 
-    def _pump(self) -> None:
-        line = b"x"
+    def _next_chunk(self, deadline: Optional[float]) -> Optional[bytes]:
+        """What stdin has next (b"" at its end), or None when the deadline passes first."""
+        if self._chunks is None and deadline is None:
+            return self._read(READ_CHUNK) or b""  # None, from a non-blocking stdin, counts as the end
+        if self._chunks is None:
+            # Waiting for a person's answer needs a read with a time limit;
+            # from then on a thread reads stdin and this takes its chunks.
+            chunks: queue.Queue[bytes] = queue.Queue(READ_AHEAD_CHUNKS)
+            start_thread(lambda: self._pump(chunks), "stdin")
+            self._chunks = chunks
         try:
-            while line:
-                line = self._read_line()
-                self._queue.put(line)
+            return self._chunks.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            return None
+
+    def _pump(self, chunks: queue.Queue[bytes]) -> None:
+        chunk = b"x"
+        try:
+            while chunk:
+                chunk = self._read(READ_CHUNK) or b""
+                chunks.put(chunk)
         except OSError as exc:
             log("reading stdin failed (%s); taken as its end" % exc)
         finally:
-            if line:  # stdin failed: the loop sees its end rather than wait forever
-                self._queue.put(b"")
-
-    def _read_line(self) -> bytes:
-        """One line; a line over MAX_LINE_BYTES comes back cut there, its rest read and dropped."""
-        start = 0
-        while True:
-            end = self._buffer.find(b"\n", start)
-            # Security: a client cannot make the server buffer without bound.
-            if end > MAX_LINE_BYTES or end < 0 and len(self._buffer) > MAX_LINE_BYTES:
-                line = bytes(self._buffer[:MAX_LINE_BYTES + 1])
-                while end < 0:  # drop the rest as it arrives, 64 KiB at a time
-                    self._buffer[:] = self._read(65536) or b""
-                    if not self._buffer:
-                        break
-                    end = self._buffer.find(b"\n")
-                del self._buffer[:end + 1]
-                return line
-            if end >= 0:
-                line = bytes(self._buffer[:end + 1])
-                del self._buffer[:end + 1]
-                return line
-            start = len(self._buffer)
-            chunk = self._read(65536)
-            if not chunk:  # the end (or None: no data from a non-blocking stdin); a last line counts
-                line = bytes(self._buffer)
-                self._buffer.clear()
-                return line
-            self._buffer += chunk
+            if chunk:  # stdin failed: the loop sees its end rather than wait forever
+                chunks.put(b"")
 
 
-def start_thread(target: Callable[[], None], name: str, daemon: bool) -> None:
-    """Start a thread that never takes SIGTERM or SIGINT, so that they reach the main thread."""
-    import threading
-
+def start_thread(target: Callable[[], None], name: str) -> None:
+    """Start a daemon thread that never takes SIGTERM, SIGINT or SIGALRM, so that they reach the main thread."""
     # A signal is handled by the main thread only; one the kernel gives to a
     # thread blocked in a read would wait until the main thread next wakes,
     # which may be never (seen: 1 SIGTERM in 16 ignored). Blocked here, the
     # new thread inherits the block; the caller's own mask is put back.
     sigmask = getattr(signal, "pthread_sigmask", None)  # POSIX only
-    before = sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}) if sigmask else None
+    blocked = {signal.SIGTERM, signal.SIGINT} | ({signal.SIGALRM} if hasattr(signal, "SIGALRM") else set())
+    before = sigmask(signal.SIG_BLOCK, blocked) if sigmask else None
     try:
-        threading.Thread(target=target, name=name, daemon=daemon).start()
+        threading.Thread(target=target, name=name, daemon=True).start()
     finally:
         if sigmask:
             sigmask(signal.SIG_SETMASK, before)
@@ -1866,7 +2146,7 @@ def start_thread(target: Callable[[], None], name: str, daemon: bool) -> None:
 
 def serve(server: Server, stdin: Any, stdout: IO[bytes]) -> int:
     """Answer stdin line by line until its end; the exit status."""
-    channel = server.channel = Channel(stdin, stdout)
+    channel = server.asker.channel = Channel(stdin, stdout)
     while True:
         line = channel.next_line()
         if not line:
@@ -1888,25 +2168,34 @@ def serve(server: Server, stdin: Any, stdout: IO[bytes]) -> int:
 
 
 def _leave(signum: int, frame: Any) -> None:
-    # SIGTERM (a client closing us; SIGINT too when serving from a thread):
-    # exit 0 at once. Nothing is lost: every message is flushed as it is
-    # written, and the record is appended a whole line at a time.
-    os._exit(0)
+    # SIGTERM (a client closing us): exit 0 at once. Nothing is lost: every
+    # message is flushed as it is written, and the record is appended a whole
+    # line at a time.
+    raise SystemExit(0)
 
 
 def _missing_dependency() -> Optional[str]:
-    from importlib.util import find_spec
-
-    for name, apt in (("requests", "python3-requests"), ("jsonschema", "python3-jsonschema")):
-        if find_spec(name) is None:
-            return ("the Python package %r is not installed for %s. Install it with "
-                    "'%s -m pip install %s' or 'apt install %s'." % (name, sys.executable, sys.executable, name, apt))
-    return None
+    """None, or what to install for this interpreter: every missing package at once."""
+    missing = [name for name in ("requests", "jsonschema") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    names = " ".join(missing)
+    said = "the Python package%s %s %s not installed for %s. " % (
+        "s" if len(missing) > 1 else "", " and ".join(map(repr, missing)), "are" if len(missing) > 1 else "is",
+        sys.executable)
+    # A distribution's own Python refuses pip (PEP 668): its packages, or a virtual environment.
+    if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"),
+                                                                     "EXTERNALLY-MANAGED")):
+        distro = " ".join("python3-" + name for name in missing)
+        return said + ("Install %s with 'sudo apt install %s' (Debian, Ubuntu) or 'sudo dnf install %s' (Fedora, "
+                       "RHEL), or make a virtual environment beside this file ('python3 -m venv venv && "
+                       "venv/bin/pip install %s') and run the file with venv/bin/python3."
+                       % ("them" if len(missing) > 1 else "it", distro, distro, names))
+    return said + "Install %s with '%s -m pip install %s'." % (
+        "them" if len(missing) > 1 else "it", sys.executable, names)
 
 
 def _file_sha256() -> str:
-    import hashlib
-
     with open(os.path.realpath(__file__), "rb") as handle:
         return hashlib.sha256(handle.read()).hexdigest()
 
@@ -1954,8 +2243,6 @@ def _check(config: Config) -> int:
 
 def _cli_mode(argv: List[str]) -> str:
     """Which CLI mode argv asks for ("" to serve); argparse exits on --help or a bad option."""
-    import argparse  # ~10 ms: paid only by the CLI modes, never by a client's launch
-
     parser = argparse.ArgumentParser(prog=SERVER_NAME, description=(__doc__ or "").split("\n")[0])
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--version", action="store_const", dest="mode", const="version",
@@ -1967,12 +2254,8 @@ def _cli_mode(argv: List[str]) -> str:
     return str(parser.parse_args(argv).mode or "")
 
 
-def main(argv: Optional[List[str]] = None, background: bool = False) -> int:
-    """Entry point: serve MCP on stdio, or run one of the CLI modes.
-
-    background: serve from a thread and return 0 at once; the thread ends
-    the process with the serving status (see the end of this file).
-    """
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: serve MCP on stdio, or run one of the CLI modes."""
     argv = sys.argv[1:] if argv is None else argv
     mode = _cli_mode(argv) if argv else ""
     if mode == "version":
@@ -1998,25 +2281,7 @@ def main(argv: Optional[List[str]] = None, background: bool = False) -> int:
     if mode == "check":
         return _check(config)
     signal.signal(signal.SIGTERM, _leave)
-    server = Server(config)
-    if not background:
-        return _serve_stdio(server)
-    signal.signal(signal.SIGINT, _leave)  # this thread only waits: see _leave
-
-    def run() -> None:
-        status = 1
-        try:
-            status = _serve_stdio(server)
-        except Exception:  # noqa: BLE001 - nothing should get here; if it does, say what
-            import traceback
-
-            log("internal error:\n%s" % traceback.format_exc())
-        finally:
-            sys.stderr.flush()
-            os._exit(status)
-
-    start_thread(run, "serve", daemon=False)
-    return 0
+    return _serve_stdio(Server(config))
 
 
 def _serve_stdio(server: Server) -> int:
@@ -2032,11 +2297,4 @@ def _serve_stdio(server: Server) -> int:
 
 
 if __name__ == "__main__":
-    # Served from a thread, so that this script returns at once: CPython
-    # keeps the syntax tree of the file it runs as a script (~2 KiB a line)
-    # until the script returns, which for a server is its whole life; the
-    # interpreter then waits for the thread, which ends the process. (Run
-    # as a module or as the kvmfleet-mcp command, main() serves in place.)
-    # The thread's own allocations come from a glibc malloc arena of its
-    # own, so they reuse the freed tree only with MALLOC_ARENA_MAX=1.
-    sys.exit(main(background=True))
+    sys.exit(main())

@@ -10,11 +10,22 @@ stays true whenever the tests run.
 In tests:
     with DemoPlatform() as platform:        # binds 127.0.0.1 on a free port
         ...  # point KVMFLEET_API at platform.url; inspect platform.requests
+    with DemoPlatform(devices=20_000, events=30_000, latency=0.05) as platform:
+        ...  # a fleet of realistic size behind a 50 ms platform
 
 By hand (try the MCP server without an account):
     python tests/demo_platform.py [--port 8765] [--verbose]
+        [--devices N] [--events N] [--latency SECONDS]
 It prints the base URL and four demo tokens to stderr, then serves until
-Ctrl-C or SIGTERM.
+Ctrl-C or SIGTERM. --devices and --events add that many generated devices
+and audit events to the seeded ones (the same ones on every run: the
+generator has a fixed seed); --latency sleeps before answering each request.
+
+Every list that pages (devices, audit events, console sessions, access
+grants, alerts) takes limit (1-500, default 50) and an opaque cursor. A
+cursor is bound to the filters it was issued under, and to the records
+that existed when the first page was served, so that paging through a
+growing audit log visits each event exactly once.
 
 SECURITY: this is a toy. The tokens are public, nothing is persisted, and it
 should only ever listen on loopback. Stdlib only; Python 3.9+.
@@ -22,12 +33,16 @@ should only ever listen on loopback. Stdlib only; Python 3.9+.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
+import heapq
 import json
+import random
 import re
 import signal
 import sys
 import threading
+import time
 from datetime import datetime
 from datetime import timedelta
 from datetime import timezone
@@ -35,6 +50,8 @@ from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from typing import Any
 from typing import Dict
+from typing import List
+from typing import NamedTuple
 from typing import Optional
 from typing import Tuple
 from urllib.parse import parse_qs
@@ -71,6 +88,7 @@ WRITE_ROLES = ("operator", "org_admin")  # viewers may only read
 POWER_ACTIONS = ("on", "off", "off_hard", "cycle", "reboot")
 MAX_GRANT_MINUTES = 480                  # matches policy pol_jit_approval below
 JSON_TYPE = "application/json; charset=utf-8"
+DEFAULT_LIMIT = 50                       # page size when a list call names no limit
 _LIMIT_MSG = "limit must be an integer from 1 to 500"
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
@@ -128,6 +146,59 @@ _NIS2 = (
     ("NIS2-21.2.j", "Multi-factor authentication and secured communications", "pass", ""),
     ("NIS2-23", "Reporting obligations for significant incidents", "pass", ""),
 )
+
+# The generated fleet (devices=N, events=M). Fixed seeds, so that every run
+# and every reset() builds the same estate and tests can count on it.
+DEVICE_SEED = 20_261_123
+EVENT_SEED = 4_711
+# 137 offline of 20,000: a healthy fleet, so that "which devices are down"
+# is a needle in a haystack for the context benchmark.
+OFFLINE_SHARE = 137 / 20_000
+GENERATED_DAYS = 7                       # generated events fall in the week before START
+# site, its tag; a device's name and host carry the tag, as the seeded ones do.
+_GEN_SITES = (("nord-dc1", "nord"), ("pdx-colo", "pdx"), ("fra-dc2", "fra"), ("ams-pop", "ams"),
+              ("Zürich-POP", "zrh"), ("lon-dc3", "lon"), ("nyc-colo", "nyc"), ("sin-dc1", "sin"),
+              ("waw-pop", "waw"), ("pdx-lab", "lab"))
+# role, weight; "pdu" devices are power strips, "edge" ones PiKVMs in a POP.
+_GEN_ROLES = (("web", 30), ("app", 20), ("kube", 18), ("db", 8), ("cache", 6), ("stor", 6),
+              ("edge", 6), ("gpu", 3), ("pdu", 3))
+_GEN_KINDS = (("redfish", 60), ("ipmi", 25), ("pikvm", 15))  # servers' BMCs
+_GEN_ENVS = (("prod", 65), ("staging", 20), ("lab", 10), ("dev", 5))
+_FIRMWARE = {"redfish": ("iDRAC9 7.10.30.00", "iDRAC9 7.00.60.00", "iLO 6 1.58"),
+             "ipmi": ("IPMI 2.0 / iDRAC9 6.10.30.00", "IPMI 2.0 / X13 BMC 1.02"),
+             "pikvm": ("PiKVM kvmd 4.20", "PiKVM kvmd 4.12"), "pdu": ("PDU fw 3.2.1",)}
+# People with accounts, the four seeded users first; they do all the work.
+_GEN_STAFF = ("olga.operator", "omar.operator", "ada.admin", "vic.viewer", "lena.berg",
+              "tom.ito", "ravi.nair", "mia.koch", "jan.novak", "sara.lind", "li.wei", "noah.diaz",
+              "eva.ross", "ken.sato", "ana.silva", "max.weber", "zoe.park", "ian.moss", "nina.roy",
+              "paul.kent", "amy.chen", "leo.marx", "ida.holm", "raj.das")
+# Who fails to log in: password guessers' favourite names and staff who
+# mistype, Zipf-weighted in this order, so a few actors have hundreds of
+# failures and most have a handful (32 actors in all).
+_GEN_FAILED_LOGINS = ("admin", "root", "tom.ito", "administrator", "test", "vic.viewer", "guest",
+                      "oracle", "lena.berg", "ubuntu", "pi", "support", "ravi.nair", "user",
+                      "backup", "postgres", "mia.koch", "deploy", "jenkins", "ansible", "ftp",
+                      "jan.novak", "sara.lind", "li.wei", "noah.diaz", "eva.ross", "ken.sato",
+                      "ana.silva", "max.weber", "zoe.park", "ian.moss", "nina.roy")
+# action, weight, (outcome, weight)..., whether it names a device.
+_GEN_ACTIONS: Tuple[Tuple[str, int, Tuple[Tuple[str, int], ...], bool], ...] = (
+    ("auth.login", 30, (("success", 65), ("failure", 35)), False),
+    ("device.list", 14, (("success", 1),), False),
+    ("device.read", 10, (("success", 1),), True),
+    ("console.start", 8, (("success", 92), ("denied", 8)), True),
+    ("console.end", 7, (("success", 1),), True),
+    ("device.power", 8, (("success", 85), ("denied", 10), ("failure", 5)), True),
+    ("audit.query", 5, (("success", 1),), False),
+    ("access.request", 4, (("success", 95), ("failure", 5)), True),
+    ("access.approve", 3, (("success", 85), ("denied", 15)), True),
+    ("access.deny", 1, (("success", 1),), True),
+    ("iso.mount", 2, (("success", 90), ("failure", 10)), True),
+    ("iso.unmount", 1, (("success", 1),), True),
+    ("alert.acknowledge", 2, (("success", 1),), False),
+    ("alert.resolve", 2, (("success", 1),), False),
+    ("policy.list", 1, (("success", 1),), False),
+)
+AGENT_CLIENT = "kvmfleet-mcp/1.0.0 (claude-ai/0.1.0)"  # the client tag some generated rows carry
 
 ####
 #### Errors and pure helpers
@@ -217,21 +288,83 @@ def _ts_arg(query: Dict[str, list], name: str) -> Optional[datetime]:
         raise _bad(f"{name} must be an RFC 3339 timestamp such as 2026-01-31T23:59:59Z") from None
 
 
-def _page(items: list, query: Dict[str, list]) -> dict:
-    """Slice a list by limit/cursor; the cursor is the decimal offset as a string."""
+def _ts_key(moment: datetime, round_up: bool) -> str:
+    """A UTC bound as the string that event timestamps compare against, to the whole second."""
+    # Events carry whole seconds, so `ts >= since` holds exactly when `ts >=
+    # since rounded up`, and `ts <= until` when `ts <= until rounded down`:
+    # comparing strings then saves parsing 30,000 timestamps per request.
+    if round_up and moment.microsecond:
+        try:
+            moment += timedelta(seconds=1)
+        except OverflowError:  # later than 9999-12-31T23:59:59Z, so later than every event
+            return "~"
+    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+            f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}Z")
+
+
+class _Window(NamedTuple):
+    """One list request's page: size, start, how many records it sees, and its filters' digest."""
+
+    limit: int
+    offset: int
+    seen: Optional[int]  # records that existed at the first page; None on a first page
+    scope: str           # digest of the resource and filters the cursor is bound to
+
+
+def _scope(resource: str, filters: Dict[str, Any]) -> str:
+    """A short digest of a list's resource and its parsed filters."""
+    canonical = json.dumps([resource, filters], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _encode_cursor(offset: int, seen: int, scope: str) -> str:
+    """An opaque cursor: URL-safe base64 of a small JSON object, unpadded."""
+    raw = json.dumps({"o": offset, "n": seen, "f": scope}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode("ascii")).decode("ascii").rstrip("=")
+
+
+def _window(query: Dict[str, list], resource: str, filters: Dict[str, Any]) -> _Window:
+    """Read limit and cursor; a cursor must decode and carry these very filters."""
     raw_limit, raw_cursor = _arg(query, "limit"), _arg(query, "cursor")
-    limit = 50
+    limit = DEFAULT_LIMIT
     if raw_limit is not None:
         if not re.fullmatch(r"[0-9]{1,3}", raw_limit) or not 1 <= int(raw_limit) <= 500:
             raise _bad(_LIMIT_MSG)
         limit = int(raw_limit)
-    offset = 0
-    if raw_cursor is not None:
-        if not re.fullmatch(r"[0-9]{1,9}", raw_cursor):
-            raise _bad(f"cursor '{raw_cursor}' is not valid")
-        offset = int(raw_cursor)
-    end = offset + limit
-    return {"items": items[offset:end], "next_cursor": str(end) if end < len(items) else None}
+    scope = _scope(resource, filters)
+    if raw_cursor is None:
+        return _Window(limit, 0, None, scope)
+    try:
+        data = json.loads(base64.b64decode(raw_cursor + "=" * (-len(raw_cursor) % 4),
+                                           altchars=b"-_", validate=True))
+    except ValueError:  # not ASCII, not base64, not UTF-8 or not JSON
+        data = None
+    if (not isinstance(data, dict) or sorted(data) != ["f", "n", "o"]
+            or not all(type(data[k]) is int and data[k] >= 0 for k in ("o", "n"))
+            or not isinstance(data["f"], str)):
+        raise _bad(f"cursor '{raw_cursor}' is not valid")
+    if data["f"] != scope:
+        # A real platform's cursors are tied to their query; this is how the
+        # tests prove that every page of a listing carries the same filters.
+        raise _bad(f"cursor '{raw_cursor}' was issued for other filters; "
+                   "repeat the filters of the first page, or start again without a cursor")
+    return _Window(limit, data["o"], data["n"], scope)
+
+
+def _seen(records: list, window: _Window) -> Tuple[list, int]:
+    """The records (oldest first) that existed at the listing's first page, and how many that was."""
+    # Bounding later pages to those records keeps offsets stable while the
+    # audit log grows by one row per request, newest first.
+    seen = len(records) if window.seen is None else window.seen
+    return records[:seen], seen
+
+
+def _page(items: list, window: _Window, seen: int) -> dict:
+    """One page of the filtered, ordered items; `seen` is the record count to bind the next cursor to."""
+    end = window.offset + window.limit
+    more = end < len(items)
+    return {"items": items[window.offset:end],
+            "next_cursor": _encode_cursor(end, seen, window.scope) if more else None}
 
 
 def _str_field(body: dict, name: str, required: bool = False) -> Optional[str]:
@@ -325,8 +458,20 @@ class DemoPlatform:
     """The in-memory KVM Fleet platform, served over loopback HTTP from a daemon thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-                 keep_alive: bool = False) -> None:
+                 keep_alive: bool = False, *, devices: int = 0, events: int = 0,
+                 latency: float = 0.0) -> None:
+        for name, value, what in (("devices", devices, "an integer"), ("events", events, "an integer"),
+                                  ("latency", latency, "a number of seconds")):
+            kinds = int if name != "latency" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be {what} >= 0, not {value!r}")
         self.host, self.port, self.verbose = host, port, verbose
+        # How many generated devices and audit events join the seeded ones.
+        # The ground truth for tests is the state itself: self.devices (id ->
+        # record, seeded first, then dev_gen_000001...), self.health and
+        # self.events (the hash chain, oldest first, newest last).
+        self.extra_devices, self.extra_events = devices, events
+        self.latency = float(latency)  # seconds slept before answering each request
         # HTTP/1.1 keep-alive, as a real platform would, for the benchmark;
         # the tests keep HTTP/1.0 so that stop() really cuts clients off.
         self.keep_alive = keep_alive
@@ -398,7 +543,7 @@ class DemoPlatform:
     # -- seed -------------------------------------------------------------
 
     def _seed(self) -> None:
-        """Build the seeded state; every timestamp is relative to START."""
+        """Build the seeded state, then the generated fleet; every timestamp is relative to START."""
         self._seq = 0
         self.devices = {d["id"]: d for d in (
             _device("dev_r7525_nord_1", "R7525-NORD-1", "r7525-nord-1.bmc.nord.example.net",
@@ -433,6 +578,7 @@ class DemoPlatform:
             "dev_edge_zrh_1": (36.0, True, True, "PiKVM kvmd 4.20", 432_000),
             "dev_lab_pikvm_1": (22.0, True, True, "PiKVM kvmd 4.20", 0),
         }
+        health.update(self._generate_devices())
         self.health = {did: {"temperature_c": t, "fans_ok": f, "psu_ok": p, "bmc_firmware": fw,
                              "uptime_s": up, "last_check": self.devices[did]["last_seen"]}
                        for did, (t, f, p, fw, up) in health.items()}
@@ -512,12 +658,12 @@ class DemoPlatform:
                 ("iso_debian_12", "debian-12.7.0-amd64-netinst.iso", 661_651_456, 60),
                 ("iso_memtest", "memtest86+-7.00.iso", 2_437_120, 90)))}
 
-        self.events: list[dict] = []
         ips = {"olga.operator": "10.20.0.11", "omar.operator": "10.20.0.12",
                "ada.admin": "10.20.0.5", "vic.viewer": "10.20.0.31",
                "admin": "203.0.113.66", "root": "198.51.100.23"}
         r7525, fra, pdx3 = "dev_r7525_nord_1", "dev_db_fra_1", "dev_srv_pdx_3"
-        for minutes_ago, actor, action, outcome, device_id in (
+        seeded = [(_ago(minutes=minutes_ago), actor, action, outcome, device_id, ips[actor], None)
+                  for minutes_ago, actor, action, outcome, device_id in (
             (4 * 1440, "root", "auth.login", "failure", None),  # older than 3 days
             (3 * 1440 + 5, "omar.operator", "auth.login", "success", None),
             (3 * 1440, "omar.operator", "access.request", "success", r7525),
@@ -547,9 +693,98 @@ class DemoPlatform:
             (60, "ada.admin", "access.approve", "success", fra),
             (40, "admin", "auth.login", "failure", None),
             (20, "omar.operator", "console.start", "success", "dev_r640_nord_2"),
-        ):
-            self._append_event(_ago(minutes=minutes_ago), actor, action, outcome, device_id,
-                               ips[actor], None)
+        )]
+        # One chain in time order: generated rows interleave with the seeded
+        # ones (which keep their ids ev_000001...), so newest-first paging,
+        # since/until and the witness anchor all see one consistent log.
+        self.events: list[dict] = []
+        numbered = heapq.merge(
+            ((row, f"ev_{n:06d}") for n, row in enumerate(seeded, 1)),
+            ((row, f"ev_gen_{n:06d}") for n, row in enumerate(self._generate_events(ips), 1)),
+            key=lambda pair: pair[0][0])  # ties: seeded rows first
+        for (ts, actor, action, outcome, device_id, ip, client), event_id in numbered:
+            self._link(event_id, ts, actor, action, outcome, device_id, ip, client, None)
+
+    def _generate_devices(self) -> Dict[str, tuple]:
+        """Add self.extra_devices generated devices; their health rows, as the seed writes them."""
+        rng = random.Random(DEVICE_SEED)
+        count = self.extra_devices
+        offline = set(rng.sample(range(count), round(count * OFFLINE_SHARE)))
+        roles, role_weights = [r for r, _ in _GEN_ROLES], [w for _, w in _GEN_ROLES]
+        kinds, kind_weights = [k for k, _ in _GEN_KINDS], [w for _, w in _GEN_KINDS]
+        envs, env_weights = [e for e, _ in _GEN_ENVS], [w for _, w in _GEN_ENVS]
+        isos = ("iso_ubuntu_2404", "iso_debian_12", "iso_memtest")
+        health: Dict[str, tuple] = {}
+        for n, role in enumerate(rng.choices(roles, role_weights, k=count)):
+            site, where = _GEN_SITES[rng.randrange(len(_GEN_SITES))]
+            kind = "pdu" if role == "pdu" else "pikvm" if role == "edge" else rng.choices(
+                kinds, kind_weights)[0]
+            number = f"{n + 1:05d}"
+            if role == "pdu":
+                name, host, tags = f"pdu-{where}-{number}", f"mgmt.{where}.example.net", [where, "power"]
+            elif role == "edge":
+                name, host, tags = f"edge-{where}-{number}", "pikvm.example.net", ["edge", where]
+            else:
+                env = "lab" if where == "lab" else rng.choices(envs, env_weights)[0]
+                tags = [env, where] + ([role] if role in ("db", "stor", "gpu") else [])
+                if kind == "redfish" and rng.random() < 0.3:  # vendor-style upper-case names
+                    name = f"R{rng.choice(('640', '650', '750', '7525'))}-{where.upper()}-{number}"
+                else:
+                    name = f"{role}-{where}-{number}"
+                host = f"pikvm.{where}.example.net" if kind == "pikvm" else f"bmc.{where}.example.net"
+            host = f"{name.lower()}.{host}"
+            if where == "lab" and rng.random() < 0.5:  # lab kit is often known by address only
+                host = f"10.20.{(n // 250) % 256}.{n % 250 + 2}"
+            down = n in offline
+            power = "unknown" if down else "off" if rng.random() < 0.06 else "on"
+            seen = 60 + rng.random() * 3 * 1440 if down else 0.5 + rng.random() * 4.5
+            jit = ("prod" in tags and role in ("db", "stor")) or rng.random() < 0.03
+            iso = (rng.choice(isos) if not down and kind != "pdu" and rng.random() < 0.004
+                   else None)
+            did = f"dev_gen_{n + 1:06d}"
+            self.devices[did] = _device(did, name, host, kind, "offline" if down else "online",
+                                        power, tags, site, seen, jit=jit, iso=iso)
+            firmware = rng.choice(_FIRMWARE[kind])
+            if down:
+                health[did] = (None, None, None, firmware, None)
+            else:
+                uptime = 0 if power == "off" else rng.randrange(3600, 120 * 86400)
+                temperature = None if kind == "pdu" else round(20 + rng.random() * 24, 1)
+                fans = None if kind == "pdu" else rng.random() > 0.004
+                health[did] = (temperature, fans, rng.random() > 0.01, firmware, uptime)
+        return health
+
+    def _generate_events(self, ips: Dict[str, str]) -> List[tuple]:
+        """self.extra_events audit rows over the week before START, oldest first, not yet chained."""
+        rng = random.Random(EVENT_SEED)
+        count = self.extra_events
+        staff_ips = dict(ips)
+        for n, user in enumerate(_GEN_STAFF):
+            staff_ips.setdefault(user, f"10.20.{1 + n // 200}.{10 + n % 200}")
+        # Documentation ranges (RFC 5737): the internet's password guessers.
+        outside = [f"{net}.{rng.randrange(1, 255)}" for net in ("203.0.113", "198.51.100", "192.0.2")
+                   for _ in range(8)]
+        guess_weights = [1 / (rank + 1) ** 1.2 for rank in range(len(_GEN_FAILED_LOGINS))]
+        devices = list(self.devices)
+        rows = []
+        for action, _, outcomes, on_device in rng.choices(
+                _GEN_ACTIONS, [a[1] for a in _GEN_ACTIONS], k=count):
+            outcome = outcomes[0][0] if len(outcomes) == 1 else rng.choices(
+                [o for o, _ in outcomes], [w for _, w in outcomes])[0]
+            client = None
+            if action == "auth.login" and outcome == "failure":
+                actor = rng.choices(_GEN_FAILED_LOGINS, guess_weights)[0]
+                ip = staff_ips.get(actor) or rng.choice(outside)
+            else:
+                actor = rng.choice(_GEN_STAFF)
+                ip = staff_ips[actor]
+                if action != "auth.login" and rng.random() < 0.08:
+                    client = AGENT_CLIENT
+            device_id = rng.choice(devices) if on_device else None
+            rows.append((rng.randrange(60, GENERATED_DAYS * 86400), actor, action, outcome,
+                         device_id, ip, client))
+        rows.sort(key=lambda row: -row[0])  # oldest first, as the chain runs
+        return [(_ts(START - timedelta(seconds=row[0])),) + row[1:] for row in rows]
 
     # -- state helpers ----------------------------------------------------
 
@@ -562,8 +797,15 @@ class DemoPlatform:
                       device_id: Optional[str], ip: str, client: Optional[str],
                       request_id: Optional[str] = None) -> None:
         """Append one audit event to the hash chain; request_id is the caller's Idempotency-Key."""
+        self._link(f"ev_{len(self.events) + 1:06d}", ts, actor, action, outcome, device_id, ip,
+                   client, request_id)
+
+    def _link(self, event_id: str, ts: str, actor: str, action: str, outcome: str,
+              device_id: Optional[str], ip: str, client: Optional[str],
+              request_id: Optional[str]) -> None:
+        """Append one audit event with this id to the hash chain."""
         prev = self.events[-1]["hash"] if self.events else GENESIS_HASH
-        event: Dict[str, Any] = {"id": f"ev_{len(self.events) + 1:06d}", "ts": ts,
+        event: Dict[str, Any] = {"id": event_id, "ts": ts,
                                  "actor": actor, "action": action, "outcome": outcome,
                                  "device_id": device_id, "ip": ip}
         if client is not None:
@@ -594,6 +836,10 @@ class DemoPlatform:
     def _handle(self, method: str, target: str, headers: Dict[str, str], raw: bytes,
                 ip: str) -> Tuple[int, bytes, Dict[str, str]]:
         """Record one request and compute (status, body bytes, headers) for it."""
+        if self.latency:
+            # Outside the lock, so that concurrent requests wait side by side
+            # as they would on a distant platform.
+            time.sleep(self.latency)
         # Route on the raw target: percent-escapes are decoded per segment later.
         raw_path, _, raw_query = target.partition("?")
         query = parse_qs(raw_query)
@@ -670,11 +916,16 @@ class DemoPlatform:
     def _h_list_devices(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/devices: status, tag, q (case-insensitive name/host substring)."""
         status, tag, text = _arg(q, "status"), _arg(q, "tag"), (_arg(q, "q") or "").lower()
-        items = [d for d in self.devices.values()
-                 if (status is None or d["status"] == status)
-                 and (tag is None or tag in d["tags"])
-                 and (text in d["name"].lower() or text in d["host"].lower())]
-        return 200, _page(items, q)
+        window = _window(q, "devices", {"status": status, "tag": tag, "q": text})
+        items, seen = _seen(list(self.devices.values()), window)
+        # One cheap pass per filter given: a few ms at 20,000 devices.
+        if status is not None:
+            items = [d for d in items if d["status"] == status]
+        if tag is not None:
+            items = [d for d in items if tag in d["tags"]]
+        if text:
+            items = [d for d in items if text in d["name"].lower() or text in d["host"].lower()]
+        return 200, _page(items, window, seen)
 
     def _h_get_device(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/devices/{id}: the device plus its health block."""
@@ -685,11 +936,19 @@ class DemoPlatform:
         """GET /v1/audit/events, newest first; since/until are inclusive."""
         since, until = _ts_arg(q, "since"), _ts_arg(q, "until")
         exact = {k: _arg(q, k) for k in ("actor", "action", "outcome", "device_id")}
-        items = [e for e in reversed(self.events)
-                 if all(v is None or e[k] == v for k, v in exact.items())
-                 and (since is None or _parse_ts(e["ts"]) >= since)
-                 and (until is None or _parse_ts(e["ts"]) <= until)]
-        return 200, _page(items, q)
+        window = _window(q, "audit-events", dict(exact, since=since, until=until))
+        items, seen = _seen(self.events, window)
+        items = items[::-1]
+        for key, value in exact.items():
+            if value is not None:
+                items = [e for e in items if e[key] == value]
+        if since is not None:
+            after = _ts_key(since, round_up=True)
+            items = [e for e in items if e["ts"] >= after]
+        if until is not None:
+            before = _ts_key(until, round_up=False)
+            items = [e for e in items if e["ts"] <= before]
+        return 200, _page(items, window, seen)
 
     def _h_integrity(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/audit/integrity: re-walk the whole chain."""
@@ -706,7 +965,9 @@ class DemoPlatform:
     def _h_head(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/audit/head: the head hash and the last witness anchor (2 h before START)."""
         anchored = START - timedelta(hours=2)
-        anchor = [e for e in self.events if _parse_ts(e["ts"]) <= anchored][-1]
+        # The chain runs in time order, so the newest event at or before the anchor time.
+        cutoff = _ts(anchored)
+        anchor = next(e for e in reversed(self.events) if e["ts"] <= cutoff)
         return 200, {"head_hash": self.events[-1]["hash"], "events": len(self.events),
                      "last_anchored_at": _ts(anchored),
                      "anchor": {"witness": "rfc3161:demo-tsa", "hash": anchor["hash"]}}
@@ -714,32 +975,40 @@ class DemoPlatform:
     def _h_list_sessions(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/console-sessions, newest first: open_only, device_id, user."""
         open_only, device_id, user = _bool_arg(q, "open_only"), _arg(q, "device_id"), _arg(q, "user")
-        items = [s for s in sorted(self.sessions.values(), key=lambda s: s["started_at"],
-                                   reverse=True)
+        window = _window(q, "console-sessions",
+                         {"open_only": open_only, "device_id": device_id, "user": user})
+        known, seen = _seen(list(self.sessions.values()), window)
+        items = [s for s in sorted(known, key=lambda s: s["started_at"], reverse=True)
                  if (not open_only or s["ended_at"] is None)
                  and (device_id is None or s["device_id"] == device_id)
                  and (user is None or s["user"] == user)]
-        return 200, _page(items, q)
+        return 200, _page(items, window, seen)
 
     def _h_list_grants(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/access-grants, newest first: status, device_id, awaiting_my_approval."""
         status, device_id = _arg(q, "status"), _arg(q, "device_id")
         mine = _bool_arg(q, "awaiting_my_approval")
-        ordered = sorted(self.grants.values(), key=lambda g: g["requested_at"])[::-1]
+        # "Mine" depends on who asks, so such a cursor is bound to the caller too.
+        window = _window(q, "access-grants", {"status": status, "device_id": device_id,
+                                              "awaiting_my_approval": ctx.user if mine else None})
+        known, seen = _seen(list(self.grants.values()), window)
+        ordered = sorted(known, key=lambda g: g["requested_at"])[::-1]
         items = [g for g in ordered
                  if (status is None or g["status"] == status)
                  and (device_id is None or g["device_id"] == device_id)
                  and (not mine or (g["status"] == "pending" and g["requester"] != ctx.user))]
-        return 200, _page(items, q)
+        return 200, _page(items, window, seen)
 
     def _h_list_alerts(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/alerts/history, newest first: since (on fired_at), status, severity, device_id."""
         since = _ts_arg(q, "since")
         exact = {k: _arg(q, k) for k in ("status", "severity", "device_id")}
-        items = [a for a in sorted(self.alerts.values(), key=lambda a: a["fired_at"], reverse=True)
+        window = _window(q, "alerts", dict(exact, since=since))
+        known, seen = _seen(list(self.alerts.values()), window)
+        items = [a for a in sorted(known, key=lambda a: a["fired_at"], reverse=True)
                  if all(v is None or a[k] == v for k, v in exact.items())
                  and (since is None or _parse_ts(a["fired_at"]) >= since)]
-        return 200, _page(items, q)
+        return 200, _page(items, window, seen)
 
     def _h_list_policies(self, ctx: _Ctx, p: dict, q: dict, body: dict) -> Tuple[int, Any]:
         """GET /v1/policies: all of them, one page."""
@@ -931,14 +1200,37 @@ class _Handler(BaseHTTPRequestHandler):
                                           line.encode("unicode_escape").decode("ascii")))
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise ValueError(text)
+    return value
+
+
 def _main(argv: Optional[list] = None) -> int:
     """Run the demo platform until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(description="KVM Fleet demo platform (loopback fake).")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (keep it loopback)")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    parser.add_argument("--devices", type=_count, default=0, metavar="N",
+                        help="add N generated devices to the seeded ones")
+    parser.add_argument("--events", type=_count, default=0, metavar="N",
+                        help="add N generated audit events (the week before start) to the seeded ones")
+    parser.add_argument("--latency", type=_seconds, default=0.0, metavar="SECONDS",
+                        help="sleep this long before answering each request, e.g. 0.05")
     args = parser.parse_args(argv)
-    demo = DemoPlatform(args.host, args.port, verbose=args.verbose)
+    demo = DemoPlatform(args.host, args.port, verbose=args.verbose, devices=args.devices,
+                        events=args.events, latency=args.latency)
     url = demo.start()
     stop = threading.Event()
 
@@ -951,6 +1243,9 @@ def _main(argv: Optional[list] = None) -> int:
         signal.signal(sig, _on_signal)
     lines = [f"KVM Fleet demo platform on {url}", "tokens (Authorization: Bearer <token>):"]
     lines += [f"  {tok:<22} role {TOKENS[tok]:<10} user {USERS[tok]}" for tok in TOKENS]
+    if args.devices or args.events or args.latency:
+        lines.append(f"fleet: {len(demo.devices)} devices, {len(demo.events)} audit events, "
+                     f"{args.latency * 1000:g} ms latency per request")
     lines += [f"try: KVMFLEET_API={url} KVMFLEET_TOKEN=kvmf_demo_operator "
               f"KVMFLEET_MCP_ALLOW_WRITES=true", "Ctrl-C to stop."]
     sys.stderr.write("\n".join(lines) + "\n")

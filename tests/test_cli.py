@@ -447,24 +447,36 @@ def missing(monkeypatch, *absent):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
-def dependency_message(package, apt):
-    return ("kvmfleet-mcp: the Python package '%s' is not installed for %s. Install it with "
-            "'%s -m pip install %s' or 'apt install %s'.\n" % (package, sys.executable, sys.executable, package, apt))
-
-
-@pytest.mark.parametrize("package,apt", [("requests", "python3-requests"), ("jsonschema", "python3-jsonschema")])
-def test_a_missing_dependency_exits_2_naming_the_package_and_its_apt_package(platform, monkeypatch, capsys,
-                                                                             package, apt):
-    missing(monkeypatch, package)
+def test_a_missing_dependency_exits_2_naming_it_and_how_to_install_it_for_this_python(platform, monkeypatch, capsys):
+    missing(monkeypatch, "jsonschema")
     use(monkeypatch, platform.url)
+    monkeypatch.setattr(kv.sys, "base_prefix", "/elsewhere")  # as in a virtual environment: pip fits
     assert kv.main(["--check"]) == 2
-    assert capsys.readouterr() == ("", dependency_message(package, apt))
+    assert capsys.readouterr() == ("", (
+        "kvmfleet-mcp: the Python package 'jsonschema' is not installed for %s. Install it with "
+        "'%s -m pip install jsonschema'.\n" % (sys.executable, sys.executable)))
     assert platform.requests == []
 
 
-def test_with_both_dependencies_missing_requests_is_named_first(monkeypatch):
+def test_both_missing_dependencies_are_named_at_once_with_the_distros_packages_where_pip_is_refused(
+        monkeypatch, tmp_path):
     missing(monkeypatch, "requests", "jsonschema")
-    assert kv._missing_dependency() == dependency_message("requests", "python3-requests")[len("kvmfleet-mcp: "):-1]
+    (tmp_path / "EXTERNALLY-MANAGED").write_text("[externally-managed]\n")
+    monkeypatch.setattr(kv.sys, "base_prefix", kv.sys.prefix)  # not a virtual environment
+    monkeypatch.setattr(kv.sysconfig, "get_path", lambda name: str(tmp_path))
+    assert kv._missing_dependency() == (
+        "the Python packages 'requests' and 'jsonschema' are not installed for %s. Install them with "
+        "'sudo apt install python3-requests python3-jsonschema' (Debian, Ubuntu) or 'sudo dnf install "
+        "python3-requests python3-jsonschema' (Fedora, RHEL), or make a virtual environment beside this file "
+        "('python3 -m venv venv && venv/bin/pip install requests jsonschema') and run the file with "
+        "venv/bin/python3." % sys.executable)
+
+
+def test_a_python_of_its_own_without_pep_668_is_told_to_use_pip(monkeypatch, tmp_path):
+    missing(monkeypatch, "requests")
+    monkeypatch.setattr(kv.sys, "base_prefix", kv.sys.prefix)
+    monkeypatch.setattr(kv.sysconfig, "get_path", lambda name: str(tmp_path))  # no EXTERNALLY-MANAGED here
+    assert kv._missing_dependency().endswith("Install it with '%s -m pip install requests'." % sys.executable)
 
 
 def test_with_both_dependencies_present_nothing_is_missing():
@@ -521,54 +533,23 @@ def test_cli_mode_names_the_mode_argv_asks_for(argv, mode):
     assert kv._cli_mode(argv) == mode
 
 
-# -- serving as a script: from a thread ------------------------------------------------------------
+# -- serving: in place, SIGTERM exits 0 -------------------------------------------------------------
 
 
-@pytest.fixture
-def exits(monkeypatch):
-    """os._exit recorded, not done; the signal handlers main() installs put back afterwards."""
-    codes: list = []
-    monkeypatch.setattr(kv.os, "_exit", codes.append)
-    saved = {signum: kv.signal.getsignal(signum) for signum in (kv.signal.SIGTERM, kv.signal.SIGINT)}
-    yield codes
-    for signum, handler in saved.items():
-        kv.signal.signal(signum, handler)
-
-
-def serve_in_background(monkeypatch, serving) -> list:
-    """main() as the script calls it, with _serve_stdio replaced; waits for the serving thread; its name and daemon flag."""
-    import threading
-
-    use(monkeypatch, API)
-    monkeypatch.setattr(kv, "_serve_stdio", serving)
-    assert kv.main([], background=True) == 0  # the script returns at once
-    started = [(t.name, t.daemon) for t in threading.enumerate() if t.name == "serve"]
-    for thread in [t for t in threading.enumerate() if t.name == "serve"]:
-        thread.join(10)
-    return started
-
-
-def test_the_serving_thread_ends_the_process_with_the_serving_status(monkeypatch, exits):
+def test_main_serves_in_place_and_returns_the_serving_status(monkeypatch):
     served = []
+    use(monkeypatch, API)
+    saved = kv.signal.getsignal(kv.signal.SIGTERM)
+    monkeypatch.setattr(kv, "_serve_stdio", lambda server: served.append(server) or 7)
+    try:
+        assert kv.main([]) == 7
+        assert kv.signal.getsignal(kv.signal.SIGTERM) is kv._leave
+    finally:
+        kv.signal.signal(kv.signal.SIGTERM, saved)
+    assert len(served) == 1 and isinstance(served[0], kv.Server)
 
-    def serving(server):
-        served.append(server)
-        time.sleep(0.2)  # still running when the script's side has returned
-        return 0
 
-    # Not a daemon: the interpreter waits for it once the script has returned.
-    assert serve_in_background(monkeypatch, serving) == [("serve", False)]
-    assert exits == [0] and isinstance(served[0], kv.Server)
-    assert kv.signal.getsignal(kv.signal.SIGINT) is kv._leave  # the waiting main thread leaves on Ctrl-C
-
-
-def test_an_error_escaping_the_serving_thread_is_said_on_stderr_and_exits_1(monkeypatch, exits, capsys):
-    def broken(server):
-        raise RuntimeError("no stdin here")
-
-    serve_in_background(monkeypatch, broken)
-    assert exits == [1]
-    err = capsys.readouterr().err
-    # one log line: the traceback's newlines are escaped like any control character
-    assert err.startswith("kvmfleet-mcp: internal error:\\u000aTraceback (most recent call last):")
-    assert err.endswith("RuntimeError: no stdin here\\u000a\n")
+def test_sigterm_leaves_with_status_0():
+    with pytest.raises(SystemExit) as left:
+        kv._leave(kv.signal.SIGTERM, None)
+    assert left.value.code == 0

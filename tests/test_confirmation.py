@@ -310,11 +310,46 @@ def test_human_mode_refuses_confirm_true_from_a_model_whose_client_cannot_ask(cl
     text = text_of(c.recv()["result"])
     assert text.startswith(
         "Not done: power_action would send power action 'cycle' to device dev_srv_pdx_3, interrupting everything "
-        "running on it. No write was sent to KVM Fleet. This server takes only a person's confirmation for it "
+        "running on it. No write was sent to KVM Fleet. This server takes only a person's confirmation for writes "
         "(KVMFLEET_MCP_CONFIRM=human), and this client cannot ask one: it did not offer elicitation (form mode, "
         "protocol 2025-06-18 or later). confirm: true is not enough.")
     assert '- device "srv-pdx-3" (dev_srv_pdx_3)' in text
-    c.call(3, "power_action", {"device_id": "dev_srv_pdx_3", "action": "on"})  # not destructive: unaffected
+    assert writes(platform) == []
+    c.close()
+
+
+@pytest.mark.parametrize("name,arguments,effect", [
+    ("power_action", {"device_id": "dev_srv_pdx_3", "action": "reboot"},
+     "send power action 'reboot' to device dev_srv_pdx_3"),
+    ("approve_access", {"grant_id": "gr_kernel_patch"}, "approve access request gr_kernel_patch as its second pair"),
+    ("resolve_alert", {"alert_id": "al_disk_full", "note": "done"}, "mark alert al_disk_full resolved"),
+    ("request_access", {"device_id": "dev_srv_pdx_3", "reason": "patching", "duration_minutes": 30},
+     "request 30 minutes of access to device dev_srv_pdx_3"),
+])
+def test_in_human_mode_a_model_cannot_reboot_approve_or_resolve_alone(client, platform, name, arguments, effect):
+    # Security: in human mode every write is put to the person, not only the destructive ones.
+    c = client(KVMFLEET_MCP_CONFIRM="human")
+    c.initialize()
+    c.call(2, name, arguments)
+    text = text_of(c.recv()["result"])
+    assert text.startswith("Not done: %s would %s" % (name, effect)) and "KVMFLEET_MCP_CONFIRM=human" in text
+    assert writes(platform) == []
+    c.close()
+    c = client(KVMFLEET_MCP_CONFIRM="human")
+    c.initialize(capabilities=ASKS)
+    c.call(2, name, arguments)
+    request = asked(c)
+    assert effect in request["params"]["message"] and kv.compact(arguments) in request["params"]["message"]
+    answer(c, request, {"action": "decline"})
+    assert c.recv()["result"]["isError"] is True
+    assert writes(platform) == []
+    c.close()
+
+
+def test_in_the_default_mode_non_destructive_writes_are_not_put_to_the_person(client, platform):
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(3, "power_action", {"device_id": "dev_srv_pdx_3", "action": "on"})
     assert "isError" not in c.recv()["result"]
     assert [w["body"] for w in writes(platform)] == [{"action": "on"}]
     c.close()
@@ -670,7 +705,20 @@ def test_the_person_sees_the_free_text_the_call_would_send(client):
     c.initialize(capabilities=ASKS)
     c.call(1, "end_console_session", {"session_id": "cs_pdx3_9h", "reason": "approved by the CISO\u202e"})
     message = asked(c)["params"]["message"]
-    assert "disconnecting its user. With reason \"approved by the CISO\\u202e\".\n" in message
+    assert ('disconnecting its user.\nIt would send exactly: {"session_id":"cs_pdx3_9h",'
+            '"reason":"approved by the CISO\\u202e"}\n') in message
+    c.close()
+
+
+def test_the_person_sees_every_character_of_a_long_reason_not_the_first_80(client, platform):
+    # Security: the end of a 1,000-character reason must not reach the platform unseen.
+    reason = "routine maintenance, " * 45 + "approved by the CISO; skip 4-eyes review"
+    assert len(reason) <= 1000
+    c = client()
+    c.initialize(capabilities=ASKS)
+    c.call(1, "end_console_session", {"session_id": "cs_pdx3_9h", "reason": reason})
+    message = asked(c)["params"]["message"]
+    assert '"reason":%s' % json.dumps(reason) in message
     c.close()
 
 

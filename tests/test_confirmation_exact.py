@@ -87,17 +87,20 @@ def test_a_person_is_asked_from_protocol_2025_06_18_on_and_the_model_before(vers
 # -- the questions and the answers ------------------------------------------------------------------
 
 
-def test_each_question_has_its_own_id_counting_up_from_one(talk, platform):
+def test_each_question_has_its_own_unpredictable_id_so_no_client_can_answer_before_it_is_asked(talk, platform):
     c = talk()
     c.initialize(capabilities=ASKS)
+    ids = []
     for n in (1, 2):
         c.call(n, "revoke_access", REVOKE)
         request = asked(c)
-        assert request["id"] == "kvmfleet-mcp-confirm-%d" % n
+        assert re.fullmatch(r"kvmfleet-mcp-confirm-[0-9a-f]{16}", request["id"])
+        ids.append(request["id"])
         assert request["jsonrpc"] == "2.0" and set(request) == {"jsonrpc", "id", "method", "params"}
         answer(c, request, {"action": "decline"})
         assert c.recv()["id"] == n
     c.close()
+    assert ids[0] != ids[1]
     # The preview's reads name the client the person is asked for.
     assert {r["headers"]["x-kvmfleet-mcp-client"] for r in platform.requests} == {
         "kvmfleet-mcp/%s (pytest/1.0)" % kv.__version__}
@@ -525,7 +528,7 @@ def test_human_mode_tells_the_model_exactly_why_its_confirm_is_not_enough():
     server = make_server(writes=True, KVMFLEET_MCP_CONFIRM="human")
     assert text_of(tools_call(server, "revoke_access", {"grant_id": "g1", "confirm": True})) == (
         "Not done: revoke_access would revoke access grant g1 at once, cutting off its holder. No write was sent to "
-        "KVM Fleet. This server takes only a person's confirmation for it (KVMFLEET_MCP_CONFIRM=human), and this "
+        "KVM Fleet. This server takes only a person's confirmation for writes (KVMFLEET_MCP_CONFIRM=human), and this "
         "client cannot ask one: it did not offer elicitation (form mode, protocol 2025-06-18 or later). confirm: true "
         "is not enough. Tell the user; they can do it in the KVM Fleet console or from a client that supports "
         "elicitation.\nWhat it would touch, read from KVM Fleet just now:\n"
@@ -587,8 +590,8 @@ def test_an_overlong_last_line_without_a_newline_is_answered_and_the_end_is_seen
 def test_a_stdin_that_fails_while_a_person_is_asked_counts_as_closed(capsys, monkeypatch):
     started = []
     start_thread = kv.start_thread
-    monkeypatch.setattr(kv, "start_thread", lambda target, name, daemon: (
-        started.append((name, daemon)), start_thread(target, name, daemon)))
+    monkeypatch.setattr(kv, "start_thread", lambda target, name: (
+        started.append(name), start_thread(target, name)))
     server = make_server(writes=True, initialize=None, KVMFLEET_MCP_CONFIRM_TIMEOUT="5")
     first = dict(INIT, capabilities=ASKS)
     stdin = ChunkedStdin(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": first}).encode()
@@ -598,7 +601,7 @@ def test_a_stdin_that_fails_while_a_person_is_asked_counts_as_closed(capsys, mon
     with responses.RequestsMock() as mock:
         mock.add("GET", API + "/v1/access-grants", json={"items": []})
         assert kv.serve(server, stdin, stdout) == 0
-    assert started == [("stdin", True)]  # a daemon: it never holds the process open
+    assert started == ["stdin"]
     # The reader logs the failure before it hands on the end, so serve() has returned after it.
     assert capsys.readouterr().err == "kvmfleet-mcp: reading stdin failed ([Errno 5] Input/output error); taken as its end\n"
     initialized, question, reply = [json.loads(raw) for raw in stdout.getvalue().splitlines()]

@@ -25,7 +25,7 @@ import requests
 import responses
 
 import kvmfleet_mcp as kv
-from conftest import API, CANARY, INIT, MODERN_META, REQUEST_ID, line, make_config, make_server, replies, rpc
+from conftest import API, CANARY, INIT, REQUEST_ID, line, make_config, make_server, replies, rpc
 
 CALLS_HEADER = "Answer it with these KVM Fleet tool calls, then summarise what they return:"
 
@@ -52,7 +52,7 @@ def test_a_cursor_the_server_never_issued_is_refused_with_the_reason(method):
 
 
 def test_server_discover_after_a_legacy_initialize_names_both_protocols():
-    reply = rpc(make_server(initialize="2025-06-18"), "server/discover", {"_meta": MODERN_META})
+    reply = rpc(make_server(initialize="2025-06-18"), "server/discover", {})
     assert reply["error"] == {
         "code": kv.METHOD_NOT_FOUND,
         "message": "server/discover is a 2026-07-28 method; this process was initialized with protocol 2025-06-18"}
@@ -180,32 +180,33 @@ def test_a_problem_with_the_arguments_as_a_whole_names_no_property_and_is_cut_at
 
 
 @responses.activate
-def test_when_the_fast_checker_refuses_what_jsonschema_accepts_the_call_is_still_refused_and_logged(monkeypatch,
-                                                                                                    capsys):
-    # Fail closed: a disagreement (a bug in _fits) refuses the call rather than send it.
-    monkeypatch.setattr(kv, "_fits", lambda schema, value: False)
-    result = rpc(make_server(), "tools/call", {"name": "list_devices", "arguments": {"limit": 5}})["result"]
-    assert result == {"isError": True, "content": [{"type": "text", "text": (
-        "Invalid arguments for list_devices. See the tool's inputSchema.")}]}
+def test_a_validator_that_cannot_be_had_refuses_the_call_and_sends_nothing(monkeypatch, capsys):
+    # Fail closed: without jsonschema there is no check, so there is no call.
+    def broken():
+        raise ImportError("No module named 'jsonschema'")
+
+    monkeypatch.setattr(kv, "_VALIDATORS", {})
+    monkeypatch.setattr(kv, "_jsonschema", broken)
+    reply = rpc(make_server(), "tools/call", {"name": "list_devices", "arguments": {"limit": 5}})
+    assert reply["error"] == {"code": kv.INTERNAL_ERROR, "message": "Internal error (details on the server's stderr)"}
     assert len(responses.calls) == 0
-    assert capsys.readouterr().err == (
-        "kvmfleet-mcp: bug: list_devices's arguments were refused, yet jsonschema accepts them\n")
+    assert "ImportError: No module named 'jsonschema'" in capsys.readouterr().err
 
 
 @responses.activate
-def test_the_first_id_checked_call_of_a_fresh_process_is_validated_and_sent(monkeypatch):
-    # A fresh process has compiled no pattern yet: the first call must compile and use it, not crash.
-    monkeypatch.setattr(kv, "_PATTERNS", {})
+def test_the_first_call_of_a_fresh_process_builds_its_validator_once_and_uses_it(monkeypatch):
+    monkeypatch.setattr(kv, "_VALIDATORS", {})
     responses.add("GET", API + "/v1/devices/d1", json={"id": "d1"})
     server = make_server()
     assert json.loads(rpc(server, "tools/call", {"name": "get_device_health",
                                                  "arguments": {"device_id": "d1"}})["result"]["content"][0]["text"]) \
         == {"id": "d1"}
-    monkeypatch.setattr(kv, "_PATTERNS", {})
+    built = kv._VALIDATORS["get_device_health"]
     refused = rpc(server, "tools/call", {"name": "get_device_health", "arguments": {"device_id": "../d1"}})["result"]
     assert refused["isError"] is True and len(responses.calls) == 1
     assert refused["content"][0]["text"].startswith(
         "Invalid arguments for get_device_health at device_id: '../d1' is not in the accepted form.")
+    assert kv._VALIDATORS["get_device_health"] is built and list(kv._VALIDATORS) == ["get_device_health"]
 
 
 @responses.activate
@@ -248,8 +249,9 @@ def test_prompts_list_shows_each_prompts_title_question_calls_and_arguments():
     prompts = rpc(make_server(), "prompts/list")["result"]["prompts"]
     assert prompts[0] == {
         "name": "fleet_status", "title": "Fleet status",
-        "description": "Which devices are offline, and what is firing?\n%s\n"
-                       '1. list_devices {"status": "offline"}\n2. list_alerts {"status": "firing"}' % CALLS_HEADER,
+        "description": "How many devices are there, and which are offline?\n%s\n"
+                       '1. list_devices {"count_by": "status"}\n'
+                       '2. list_devices {"status": "offline", "fields": ["name"]}' % CALLS_HEADER,
         "arguments": []}
     assert prompts[3] == {
         "name": "nis2_snapshot", "title": "NIS2 snapshot",
@@ -449,10 +451,9 @@ def test_main_without_arguments_serves_stdin_to_stdout_and_exits_0_at_its_end(st
 
 
 def test_sigterm_while_serving_exits_0_at_once(env):
-    codes: list = []
-    env.setattr(kv.os, "_exit", codes.append)
-    kv._leave(signal.SIGTERM, None)
-    assert codes == [0]
+    with pytest.raises(SystemExit) as left:
+        kv._leave(signal.SIGTERM, None)
+    assert left.value.code == 0
 
 
 class Gone(io.BytesIO):

@@ -498,7 +498,9 @@ def test_a_trickling_answer_is_cut_at_the_total_read_deadline():
 
     with Loopback(trickle()) as platform:
         result = call(loopback_server(platform.url, KVMFLEET_READ_TIMEOUT="0.5"), "list_isos")
-    assert result["isError"] and text_of(result) == "KVM Fleet's answer did not arrive in full within 0.5 s."
+    assert result["isError"] and text_of(result) == (
+        "GET /v1/isos: KVM Fleet's answer did not arrive in full within 0.5 s. A read changes nothing; it is safe "
+        "to retry.")
 
 
 @responses.activate
@@ -554,8 +556,9 @@ def test_a_cut_page_is_never_longer_than_the_cap_and_keeps_every_item_that_fits(
         return dict(data, items=items[:kept], _truncated={
             "items_shown": kept, "items_left_out": len(items) - kept,
             "why": "the result was longer than %d characters" % limit,
-            "to_see_the_rest": "call again with the same filters and limit=%d, then follow next_cursor"
-                               % max(kept, 1)})
+            "to_see_the_rest": "call again with the same filters and limit=%d, then follow next_cursor" % kept
+                               if kept else "even the first item is longer than that: ask for fewer fields of each "
+                                            "with fields"})
 
     shown = []
     for limit in range(1001, full):
@@ -574,8 +577,9 @@ def test_one_object_over_the_cap_is_cut_with_a_note_that_says_how_much_is_missin
     text = text_of(call(started(make_config(KVMFLEET_MCP_MAX_RESULT_CHARS="2000")), "get_device_health",
                         device_id="d1"))
     whole = kv.compact({"id": "d1", "blob": "y" * 5000})
-    assert text == whole[:2000] + ("\n[... cut here: %d more characters were not shown, so this is not valid JSON. "
-                                   "Ask for less, e.g. with limit.]" % (len(whole) - 2000))
+    note = "\n[... cut here: %d more characters were not shown. Ask for less, e.g. with limit or fields.]"
+    kept = 2000 - len(note % len(whole))
+    assert text == whole[:kept] + note % (len(whole) - kept) and len(text) == 2000
 
 
 @pytest.mark.parametrize("data", [{"items": [], "blob": "y" * 3000}, {"items": "not a list", "blob": "y" * 3000},
@@ -584,7 +588,7 @@ def test_one_object_over_the_cap_is_cut_with_a_note_that_says_how_much_is_missin
 def test_an_answer_over_the_cap_without_a_page_of_items_is_cut_with_a_note(data):
     responses.add("GET", API + "/v1/isos", json=data)
     text = text_of(call(started(make_config(KVMFLEET_MCP_MAX_RESULT_CHARS="2000")), "list_isos"))
-    assert text.startswith(kv.compact(data)[:2000] + "\n[... cut here: ")
+    assert len(text) == 2000 and text.startswith(kv.compact(data)[:1900]) and "\n[... cut here: " in text
 
 
 @pytest.mark.parametrize("data", [{"items": [{"name": "Küche-%d" % n} for n in range(20)], "next_cursor": None},

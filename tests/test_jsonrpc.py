@@ -273,15 +273,34 @@ def test_a_legacy_version_in_meta_asks_for_the_handshake():
     assert reply["error"]["code"] == kv.INVALID_REQUEST and "initialize" in reply["error"]["message"]
 
 
-def test_initialize_after_modern_requests_selects_legacy_for_the_process():
+def test_initialize_after_modern_requests_selects_legacy_for_unstamped_requests_only():
     server = make_server(initialize=None)
     assert "result" in rpc(server, "server/discover", modern())
     assert rpc(server, "initialize", INIT)["result"]["protocolVersion"] == "2025-11-25"
-    reply = rpc(server, "server/discover", modern())
-    assert reply["error"]["code"] == kv.METHOD_NOT_FOUND
-    # legacy results carry no resultType, even when the request has modern _meta
-    assert "resultType" not in rpc(server, "tools/list", modern())["result"]
+    assert rpc(server, "server/discover", {})["error"]["code"] == kv.METHOD_NOT_FOUND
+    assert "resultType" not in rpc(server, "tools/list", {})["result"]
+    # A request stamped 2026-07-28 is still served by the 2026 rules alone.
+    assert rpc(server, "server/discover", modern())["result"]["resultType"] == "complete"
+    assert rpc(server, "tools/list", modern())["result"]["resultType"] == "complete"
 
 
-def test_modern_ping_is_complete():
-    assert rpc(make_server(initialize=None), "ping", modern())["result"]["resultType"] == "complete"
+@pytest.mark.parametrize("initialized", [None, "2025-11-25"])
+def test_a_ping_stamped_2026_is_method_not_found_as_that_revision_removed_it(initialized):
+    reply = rpc(make_server(initialize=initialized), "ping", modern())
+    assert reply["error"] == {"code": kv.METHOD_NOT_FOUND, "message": "Method not found: ping"}
+
+
+def test_an_initialize_stamped_2026_is_method_not_found_and_does_not_switch_the_process_to_legacy():
+    server = make_server(initialize=None)
+    reply = rpc(server, "initialize", dict(INIT, _meta=modern()["_meta"]))
+    assert reply["error"] == {"code": kv.METHOD_NOT_FOUND, "message": "Method not found: initialize"}
+    assert server.legacy_version is None
+    assert rpc(server, "tools/list", {})["error"]["code"] == kv.INVALID_REQUEST  # still not initialized
+    assert rpc(server, "tools/list", modern())["result"]["resultType"] == "complete"
+
+
+def test_unstamped_ping_is_still_answered_before_and_after_initialize():
+    server = make_server(initialize=None)
+    assert rpc(server, "ping")["result"] == {}
+    rpc(server, "initialize", INIT)
+    assert rpc(server, "ping")["result"] == {}

@@ -193,7 +193,7 @@ def test_the_confirm_mode_model_is_accepted_and_anything_else_is_refused_in_thes
     assert make_config(KVMFLEET_MCP_CONFIRM="human").human_only is True
     with pytest.raises(kv.ConfigError) as refused:
         make_config(KVMFLEET_MCP_CONFIRM="h" * 45)
-    assert str(refused.value) == ("KVMFLEET_MCP_CONFIRM=%s: give human (a person must confirm destructive calls) or "
+    assert str(refused.value) == ("KVMFLEET_MCP_CONFIRM=%s: give human (a person must confirm every write) or "
                                   "model (confirm: true is enough; the default)." % ("h" * 40))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import responses
@@ -54,8 +55,10 @@ def test_a_result_under_the_cap_is_untouched():
 def test_a_single_object_over_the_cap_is_cut_with_a_note_never_silently():
     responses.add("GET", API + "/v1/devices/d1", json={"id": "d1", "blob": "y" * 20000})
     text = text_of(call(server_with_cap(2000), "get_device_health", device_id="d1"))
-    assert text.startswith('{"id":"d1","blob":"yyy') and len(text) < 2200
-    assert "more characters were not shown, so this is not valid JSON" in text
+    assert text.startswith('{"id":"d1","blob":"yyy') and len(text) == 2000  # the cap holds, note included
+    note = re.search(r"\n\[\.\.\. cut here: (\d+) more characters were not shown\. Ask for less, e\.g\. with limit "
+                     r"or fields\.\]\Z", text)
+    assert note and note.start() + int(note.group(1)) == len('{"id":"d1","blob":""}') + 20000
 
 
 def test_the_default_cap_is_50000_and_a_tiny_one_is_refused():

@@ -65,15 +65,17 @@ def test_input_schema_is_valid_in_both_dialects(tool):
 @pytest.mark.parametrize("tool", kv.TOOLS, ids=lambda t: t.name)
 def test_every_property_is_typed_and_described_and_ids_have_a_pattern(tool):
     for name, prop in tool.properties.items():
-        assert prop["type"] in ("string", "integer", "boolean"), name
+        assert prop["type"] in ("string", "integer", "boolean") or name == "fields" and prop["type"] == "array", name
         assert prop["description"].strip(), name
-        if name.endswith("_id") or name == "framework":
+        if name.endswith("_id") or name in ("framework", "count_by"):
             assert prop["pattern"].startswith("^") and prop["pattern"].endswith("$(?!\\n)"), name
     # Only keywords that mean the same in draft 7 and in 2020-12.
     same_in_both = {"type", "properties", "additionalProperties", "required", "description",
-                    "pattern", "enum", "minLength", "maxLength", "minimum", "maximum"}
+                    "pattern", "enum", "minLength", "maxLength", "minimum", "maximum",
+                    "items", "minItems", "maxItems", "uniqueItems"}
     schema = kv.input_schema(tool)
-    used = set(schema) | {key for prop in schema["properties"].values() for key in prop}
+    props = list(schema["properties"].values())
+    used = set(schema) | {key for prop in props + [p["items"] for p in props if "items" in p] for key in prop}
     assert used <= same_in_both
 
 
@@ -115,3 +117,15 @@ def test_the_full_tool_list_stays_small():
 
     size = len(json.dumps([kv.tool_listing(t) for t in kv.TOOLS], separators=(",", ":")))
     assert size <= 16 * 1024, size
+
+
+PAGED = ["list_devices", "query_audit_log", "list_open_console_sessions", "list_access_grants", "list_alerts"]
+
+
+def test_exactly_the_paged_list_tools_take_fields_and_count_by_and_neither_is_ever_sent_on():
+    assert [t.name for t in kv.TOOLS if "fields" in t.properties] == PAGED
+    assert [t.name for t in kv.TOOLS if "count_by" in t.properties] == PAGED
+    fields = kv.TOOLS_BY_NAME["list_devices"].properties["fields"]
+    assert fields["items"]["pattern"] == kv.FIELD_PATTERN == kv.TOOLS_BY_NAME["list_alerts"].properties[
+        "count_by"]["pattern"] == r"^[A-Za-z_][A-Za-z0-9_]{0,63}$(?!\n)"
+    assert (fields["minItems"], fields["maxItems"], fields["uniqueItems"]) == (1, 16, True)
