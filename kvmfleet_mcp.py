@@ -62,7 +62,15 @@ holds no token and no request or response bodies.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+import sys
+
+# Python 3.7 and 3.8 can read this file, but not run it (typing.Final is 3.8+,
+# much else 3.9+): one line instead of a traceback. (3.6, RHEL 8's python3,
+# cannot even read it; the README says what to use there.)
+if sys.version_info < (3, 9):
+    sys.exit("kvmfleet-mcp needs Python 3.9 or newer; %s is %s." % (sys.executable, sys.version.split()[0]))
 
 import argparse
 import base64
@@ -236,6 +244,8 @@ class ProtocolError(McpError):
 
 class ToolError(McpError):
     """A tool call that failed in a way the model can read and act on."""
+
+    cause: Optional[BaseException] = None  # the network fault behind it, if any (for --check)
 
 
 class Abandoned(McpError):
@@ -473,7 +483,8 @@ class Prompt(NamedTuple):
 
 PROMPTS: Final = (
     Prompt("fleet_status", "Fleet status", "How many devices are there, and which are offline?",
-           (("list_devices", {"count_by": "status"}), ("list_devices", {"status": "offline", "fields": ["name"]}))),
+           (("list_devices", {"count_by": "status"}),
+            ("list_devices", {"status": "offline", "fields": ["name"], "limit": 500}))),
     Prompt("failed_logins", "Failed logins", "Who failed to log in during the last {window}, and how often?",
            (("query_audit_log", {"action": "auth.login", "outcome": "failure", "since": "{window}",
                                  "count_by": "actor"}),),
@@ -485,7 +496,8 @@ PROMPTS: Final = (
            (("period", "Month as YYYY-MM; empty for the current month.", ""),)),
     Prompt("overnight_alerts", "Overnight alerts", "What alerted in the last {window}, and what still fires?",
            (("list_alerts", {"since": "{window}", "count_by": "status"}),
-            ("list_alerts", {"since": "{window}", "fields": ["severity", "status", "message", "device_id"]})),
+            ("list_alerts", {"since": "{window}", "fields": ["severity", "status", "message", "device_id"],
+                             "limit": 100})),
            (("window", "How far back: e.g. 12h.", "12h"),)),
     Prompt("audit_integrity", "Audit integrity", "Is the audit log intact, and when was its chain last anchored?",
            (("verify_audit_integrity", {}), ("get_audit_chain_head", {}))),
@@ -700,9 +712,12 @@ def _reject_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
 
+STRICT_JSON: Final = json.JSONDecoder(parse_constant=_reject_constant)  # NaN, Infinity: not JSON
+
+
 def parse_line(line: bytes) -> Any:
     """Decode one stdin line as strict UTF-8 JSON (no NaN, no UTF-16 guessing)."""
-    return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    return STRICT_JSON.decode(line.decode("utf-8"))
 
 
 def request_id_of(message: Any) -> Any:
@@ -813,12 +828,16 @@ class Config(NamedTuple):
         if confirm not in ("", "model", "human"):
             raise ConfigError("KVMFLEET_MCP_CONFIRM=%s: give human (a person must confirm every write) "
                               "or model (confirm: true is enough; the default)." % confirm[:40])
+        writes = env.get("KVMFLEET_MCP_ALLOW_WRITES", "")
+        if writes not in ("", "true"):
+            log('warning: KVMFLEET_MCP_ALLOW_WRITES=%s is not exactly "true": the 10 write tools stay hidden. '
+                "Set it to true, in lower case, to offer them; remove it for read-only use." % json.dumps(writes[:40]))
         ca_bundle = env.get("KVMFLEET_CA_BUNDLE") or None
         if ca_bundle is not None and not os.path.isfile(ca_bundle):
             raise ConfigError("KVMFLEET_CA_BUNDLE=%s is not a readable file." % ca_bundle)
         config = cls(
             api=api, token=token, token_file=token_file,
-            allow_writes=env.get("KVMFLEET_MCP_ALLOW_WRITES") == "true",
+            allow_writes=writes == "true",
             ca_bundle=ca_bundle,
             connect_timeout=_number(env, "KVMFLEET_CONNECT_TIMEOUT", 5.0, 600),
             read_timeout=_number(env, "KVMFLEET_READ_TIMEOUT", 30.0, 600),
@@ -1083,7 +1102,7 @@ class Platform:
                 response, content = self._exchange(request, method, path, timeout)
             except Passing as exc:
                 if last:
-                    raise ToolError(_network_failure(self.config, method, path, exc.args[0])) from None
+                    raise _network_failure(self.config, method, path, exc.args[0]) from None
                 time.sleep(RETRY_BACKOFF * (1 << attempt))
                 continue
             # Security: a write never waits to be sent again, whatever the platform says.
@@ -1129,11 +1148,11 @@ class Platform:
                     response = self._adapter().send(request, stream=True, timeout=timeout,
                                                     verify=self.config.ca_bundle or True, proxies=self._proxies)
                 except requests.exceptions.SSLError as exc:
-                    raise ToolError(_network_failure(self.config, method, path, exc)) from None
+                    raise _network_failure(self.config, method, path, exc) from None
                 except requests.ConnectionError as exc:  # refused, reset, connect timeout
                     raise Passing(exc) from None
                 except requests.RequestException as exc:  # no answer in time, and the like
-                    raise ToolError(_network_failure(self.config, method, path, exc)) from None
+                    raise _network_failure(self.config, method, path, exc) from None
                 try:
                     with response:
                         # urllib3 1.x takes an answer cut short of its Content-Length as whole.
@@ -1145,7 +1164,7 @@ class Platform:
                     raise ToolError("%s %s: KVM Fleet at %s stopped sending its answer for %g s. %s" % (
                         method, path, self.config.api, timeout[1], _outcome(method))) from None
                 except requests.RequestException as exc:  # an answer that cannot be decoded
-                    raise ToolError(_network_failure(self.config, method, path, exc)) from None
+                    raise _network_failure(self.config, method, path, exc) from None
         except Expired:
             raise ToolError("%s %s: KVM Fleet's answer did not arrive in full within %g s. %s" % (
                 method, path, timeout[1], _outcome(method))) from None
@@ -1204,7 +1223,7 @@ def _outcome(method: str) -> str:
     return "It is not known whether KVM Fleet acted on it: check with a read tool before retrying."
 
 
-def _network_failure(config: Config, method: str, path: str, exc: Exception) -> str:
+def _network_failure(config: Config, method: str, path: str, exc: Exception) -> ToolError:
     requests = _requests()
     outcome = _outcome(method)
     kind = "could not connect to"
@@ -1222,8 +1241,10 @@ def _network_failure(config: Config, method: str, path: str, exc: Exception) -> 
         kind = "lost the connection before an answer from"
     elif not isinstance(exc, requests.exceptions.ConnectionError):
         kind = "failed talking to"
-    return "%s %s %s KVM Fleet at %s (%s: %s). %s" % (
-        method, path, kind, config.api, type(exc).__name__, bounded(str(exc), 300), outcome)
+    error = ToolError("%s %s %s KVM Fleet at %s (%s: %s). %s" % (
+        method, path, kind, config.api, type(exc).__name__, bounded(str(exc), 300), outcome))
+    error.cause = exc
+    return error
 
 
 def reply_result(method: str, path: str, reply: Reply, config: Config, fields: Optional[List[str]] = None) -> JSON:
@@ -1238,8 +1259,9 @@ def reply_result(method: str, path: str, reply: Reply, config: Config, fields: O
             target = reply.location
         return text_result(
             "KVM Fleet answered %s with HTTP %d %s, a redirect to %s. It was not followed: "
-            "the token is only ever sent to %s. Check KVMFLEET_API."
-            % (where, reply.status, reply.reason, bounded(target, 200), config.api), limit, True)
+            "the token is only ever sent to %s. Check KVMFLEET_API.%s"
+            % (where, reply.status, reply.reason, bounded(target, 200), config.api,
+               "" if method == "GET" else " " + _outcome(method)), limit, True)
     if reply.status >= 400 or reply.status < 200:
         tries = " (tried %d times)" % (reply.retries + 1) if reply.retries else ""
         wait = " (Retry-After: %s, how long it asks you to wait before trying again)" % bounded(
@@ -1704,9 +1726,10 @@ class Asker:
                 message = None
             method = message.get("method") if isinstance(message, dict) else None
             params = message.get("params") if isinstance(message, dict) else None
+            request_id = request_id_of(message)
             if isinstance(message, dict) and method is None and message.get("id") == ask_id:
                 return message
-            if method == "ping" and request_id_of(message) is not None:
+            if method == "ping" and request_id is not None:
                 channel.write(self.answer(line) or b"")
             elif method == "notifications/cancelled" and isinstance(params, dict):
                 if same_id(params.get("requestId"), call_id):
@@ -1715,8 +1738,8 @@ class Asker:
                     raise Abandoned()
                 # Security: a request cancelled while it waited is dropped, never run later.
                 channel.drop_waiting(params.get("requestId"))
-            elif not channel.put_aside(line, request_id_of(message)) and request_id_of(message) is not None:
-                channel.write(encode(error_response(request_id_of(message), INVALID_REQUEST, (
+            elif not channel.put_aside(line, request_id) and request_id is not None:
+                channel.write(encode(error_response(request_id, INVALID_REQUEST, (
                     "Busy: the user is being asked to confirm another call; send this again after it"))))
 
     def _ask_later(self, tool: Tool, args: JSON, what: str, entry: JSON, call: Call) -> Optional[JSON]:
@@ -2217,33 +2240,84 @@ def _confirm_rule(tool: Tool) -> str:
 def _list_tools(allow_writes: bool, only: Optional[Tuple[str, ...]]) -> None:
     for tool in advertised_tools(allow_writes, only):
         gate = "write, confirm %s" % _confirm_rule(tool) if tool.write else "read"
-        _print("%-27s %-4s %-45s %s" % (tool.name, tool.method, tool.path, gate))
+        path = tool.path + "".join("?%s=%s" % pair for pair in tool.fixed_query)
+        _print("%-27s %-4s %-45s %s" % (tool.name, tool.method, path, gate))
     hidden = 0 if allow_writes else sum(1 for tool in advertised_tools(True, only) if tool.write)
     if hidden:
         _print("(%d write tools hidden: KVMFLEET_MCP_ALLOW_WRITES is not exactly \"true\")" % hidden)
 
 
-def _check(config: Config) -> int:
-    started = time.monotonic()
+def _check(config: Config, writes: str) -> int:
+    """--check: two reads (a device, the token's scope); each problem named in a plain sentence."""
+    platform, client, started = Platform(config), client_tag({"name": "check"}), time.monotonic()
     try:
-        reply = Platform(config).call("GET", "/v1/devices", [("limit", "1")], None, client_tag({"name": "check"}))
+        reply = platform.call("GET", "/v1/devices", [("limit", "1")], None, client)
     except ToolError as exc:
-        _print("reachable: no\n%s" % exc)
+        _print("reachable: no\n%s" % _unreachable(config, exc))
         return 1
     _print("reachable: yes (%s answered HTTP %d in %.0f ms)" % (
         config.api, reply.status, (time.monotonic() - started) * 1000))
-    result = reply_result("GET", "/v1/devices", reply, config)
-    _print("authenticated: " + ("no\n" + result["content"][0]["text"] if result.get("isError") else "yes"))
+    problem = _refusal(config, reply)
+    _print("authenticated: " + ("yes" if not problem else ("no\n" if reply.status == 401 else "unknown\n") + problem))
     _print("org: %s" % (config.org_id or "the token's own (KVMFLEET_ORG_ID not set)"))
-    _print("token: %s" % token_scope(Platform(config), client_tag({"name": "check"}))[1])
-    _print("write mode: " + ("on, unless the token is read-only" if config.allow_writes else
-                             "off (set KVMFLEET_MCP_ALLOW_WRITES=true to offer write tools)"))
-    return 1 if result.get("isError") else 0
+    info, said = token_scope(platform, client)
+    _print("token: %s" % said)
+    if not config.allow_writes:
+        mode = ('off (KVMFLEET_MCP_ALLOW_WRITES=%s is not exactly "true")' % json.dumps(writes) if writes else
+                "off (set KVMFLEET_MCP_ALLOW_WRITES=true to offer the write tools)")
+    elif info is not None and info.get("scope") == "read":
+        mode = "off: the token is read-only (scope read), so the write tools stay hidden; use a token with scope write"
+    else:
+        mode = "on (the write tools are offered%s)" % ("" if info else "; the token's scope could not be read")
+    _print("write mode: " + mode)
+    return 1 if problem else 0
+
+
+def _unreachable(config: Config, error: ToolError) -> str:
+    """Why KVMFLEET_API could not be reached, and what to change, in one sentence."""
+    requests, cause, host = _requests(), error.cause, urlsplit(config.api).netloc
+    if isinstance(cause, requests.exceptions.ProxyError):
+        return "The proxy in HTTPS_PROXY (%s) could not take the request to %s: check HTTPS_PROXY, or name %s in " \
+               "NO_PROXY." % (config.https_proxy, host, urlsplit(config.api).hostname)
+    if isinstance(cause, requests.exceptions.SSLError):
+        return "The TLS certificate of %s could not be verified: for a private CA, set KVMFLEET_CA_BUNDLE to its " \
+               "PEM file; else check the host name in KVMFLEET_API." % host
+    if isinstance(cause, requests.exceptions.ConnectTimeout):
+        return "Connecting to %s took longer than %g s: check the host and port in KVMFLEET_API, and any firewall " \
+               "between." % (host, config.connect_timeout)
+    if isinstance(cause, requests.exceptions.ReadTimeout):
+        return "%s took the request but did not answer within %g s: check that KVMFLEET_API is KVM Fleet." % (
+            host, config.read_timeout)
+    reason = str(getattr(cause.args[0], "reason", cause.args[0]) if cause and cause.args else cause)
+    if re.search("not known|nodename nor servname|getaddrinfo|NameResolution|No address", reason):
+        return "The host %s was not found (DNS): check KVMFLEET_API." % urlsplit(config.api).hostname
+    if "refused" in reason.lower():
+        return "Nothing takes connections at %s (connection refused): check the host and port in KVMFLEET_API, " \
+               "and that KVM Fleet is up." % host
+    return "%s could not be reached: %s" % (host, error)
+
+
+def _refusal(config: Config, reply: Reply) -> str:
+    """'' when the device list came back; else what is wrong, what to change, and the platform's words."""
+    if 200 <= reply.status < 300 and _json_object(reply.body) is not None:
+        return ""
+    said = {401: "KVM Fleet refused the token (HTTP 401): it is mistyped, revoked or expired. A token is shown "
+                 "once, when it is created: create a new one in the KVM Fleet web console.",
+            403: "The token may not list devices (HTTP 403): check its role, and KVMFLEET_ORG_ID if it is set.",
+            404: "%s has no /v1/devices (HTTP 404): KVMFLEET_API must be KVM Fleet's base URL, e.g. "
+                 "https://app.kvmfleet.io, without a path such as /v1." % config.api}.get(reply.status)
+    if said is None:
+        said = ("KVMFLEET_API redirects elsewhere: give the URL it names (the server never follows a redirect)."
+                if 300 <= reply.status < 400 else "KVM Fleet had a fault (HTTP %d): try again later." % reply.status
+                if reply.status >= 500 else "%s answered, but not as KVM Fleet does: check KVMFLEET_API." % config.api)
+    return said + "\n" + str(reply_result("GET", "/v1/devices", reply, config)["content"][0]["text"])
 
 
 def _cli_mode(argv: List[str]) -> str:
     """Which CLI mode argv asks for ("" to serve); argparse exits on --help or a bad option."""
-    parser = argparse.ArgumentParser(prog=SERVER_NAME, description=(__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(prog=SERVER_NAME, description=(__doc__ or "").split("\n")[0], epilog=(
+        "Without an option it serves MCP on stdio, as an MCP client launches it. It needs KVMFLEET_API (the "
+        "platform's base URL) and KVMFLEET_TOKEN (or KVMFLEET_TOKEN_FILE); README.md lists every variable."))
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--version", action="store_const", dest="mode", const="version",
                        help="print the version and this file's sha256")
@@ -2279,7 +2353,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(missing)
         return 2
     if mode == "check":
-        return _check(config)
+        return _check(config, os.environ.get("KVMFLEET_MCP_ALLOW_WRITES", ""))
     signal.signal(signal.SIGTERM, _leave)
     return _serve_stdio(Server(config))
 

@@ -1231,7 +1231,12 @@ def _main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     demo = DemoPlatform(args.host, args.port, verbose=args.verbose, devices=args.devices,
                         events=args.events, latency=args.latency)
-    url = demo.start()
+    try:
+        url = demo.start()
+    except OSError as exc:  # most often: the port is taken, e.g. by a demo platform already running
+        sys.stderr.write(f"demo platform: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+                         f"stop what uses it, or pick another port with --port (0: any free one).\n")
+        return 1
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: object) -> None:

@@ -27,7 +27,7 @@ READ_ROWS = [
     "get_device_health           GET  /v1/devices/{device_id}                       read",
     "query_audit_log             GET  /v1/audit/events                              read",
     "verify_audit_integrity      GET  /v1/audit/integrity                           read",
-    "list_open_console_sessions  GET  /v1/console-sessions                          read",
+    "list_open_console_sessions  GET  /v1/console-sessions?open_only=true           read",
     "list_access_grants          GET  /v1/access-grants                             read",
     "list_alerts                 GET  /v1/alerts/history                            read",
     "list_policies               GET  /v1/policies                                  read",
@@ -49,8 +49,8 @@ WRITE_ROWS = [
     "resolve_alert               POST /v1/alerts/history/{alert_id}/resolve         write, confirm never",
 ]
 NO_ORG = "org: the token's own (KVMFLEET_ORG_ID not set)"
-WRITES_OFF = "write mode: off (set KVMFLEET_MCP_ALLOW_WRITES=true to offer write tools)"
-WRITES_ON = "write mode: on, unless the token is read-only"
+WRITES_OFF = "write mode: off (set KVMFLEET_MCP_ALLOW_WRITES=true to offer the write tools)"
+WRITES_ON = "write mode: on (the write tools are offered)"
 CHECK_CLIENT = "kvmfleet-mcp/%s (check/unknown)" % kv.__version__
 
 
@@ -263,6 +263,8 @@ def test_check_with_a_bad_token_says_not_authenticated_with_the_platforms_words_
     out, err = capsys.readouterr()
     assert check_lines(out, platform.url, 401) == [
         "authenticated: no",
+        "KVM Fleet refused the token (HTTP 401): it is mistyped, revoked or expired. A token is shown once, when it "
+        "is created: create a new one in the KVM Fleet web console.",
         "KVM Fleet refused GET /v1/devices: HTTP 401 Unauthorized",
         '{"error": {"code": "unauthenticated", "message": "missing or invalid bearer token"}}',
         NO_ORG,
@@ -277,10 +279,9 @@ def test_check_against_an_unreachable_api_says_reachable_no_and_exits_1(monkeypa
     use(monkeypatch, api)
     assert kv.main(["--check"]) == 1
     out, err = capsys.readouterr()
-    lines = out.splitlines()
-    assert lines[0] == "reachable: no" and len(lines) == 2  # and nothing about authentication
-    assert re.fullmatch(r"GET /v1/devices could not connect to KVM Fleet at %s \(ConnectionError: .+\)\. "
-                        r"A read changes nothing; it is safe to retry\." % re.escape(api), lines[1]), lines[1]
+    # One plain sentence, for a person: no urllib3 object, no advice meant for a model.
+    assert out == ("reachable: no\nNothing takes connections at %s (connection refused): check the host and port in "
+                   "KVMFLEET_API, and that KVM Fleet is up.\n" % api[len("http://"):])
     assert err == ""
     assert waits == [0.25, 0.5]  # a read: tried three times
 
@@ -299,7 +300,8 @@ def test_check_with_an_org_the_token_may_not_act_for_exits_1_with_the_platforms_
     use(monkeypatch, platform.url, bearer="kvmf_demo_operator", KVMFLEET_ORG_ID="org_evil")
     assert kv.main(["--check"]) == 1
     assert check_lines(capsys.readouterr().out, platform.url, 403) == [
-        "authenticated: no",
+        "authenticated: unknown",
+        "The token may not list devices (HTTP 403): check its role, and KVMFLEET_ORG_ID if it is set.",
         "KVM Fleet refused GET /v1/devices: HTTP 403 Forbidden",
         '{"error": {"code": "org_forbidden", "message": "this token may not act for org \'org_evil\'"}}',
         "org: org_evil",
@@ -315,27 +317,33 @@ def test_check_with_writes_exactly_true_says_write_mode_is_on(platform, monkeypa
         "authenticated: yes", NO_ORG, "token: role operator, scope write", WRITES_ON]
 
 
-@pytest.mark.parametrize("value", ["TRUE", "1"])
-def test_check_with_writes_not_exactly_true_says_write_mode_is_off(platform, monkeypatch, capsys, value):
+@pytest.mark.parametrize("value", ["TRUE", "1", "True "])
+def test_check_with_writes_not_exactly_true_names_the_value_it_got_and_says_write_mode_is_off(
+        platform, monkeypatch, capsys, value):
     use(monkeypatch, platform.url, KVMFLEET_MCP_ALLOW_WRITES=value)
     assert kv.main(["--check"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == WRITES_OFF
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == 'write mode: off (KVMFLEET_MCP_ALLOW_WRITES="%s" is not exactly "true")' % value
+    assert err == ('kvmfleet-mcp: warning: KVMFLEET_MCP_ALLOW_WRITES="%s" is not exactly "true": the 10 write tools '
+                   "stay hidden. Set it to true, in lower case, to offer them; remove it for read-only use.\n" % value)
 
 
 def test_check_with_a_read_only_token_and_writes_on_shows_the_read_scope(platform, monkeypatch, capsys):
     use(monkeypatch, platform.url, bearer="kvmf_demo_readonly", KVMFLEET_MCP_ALLOW_WRITES="true")
     assert kv.main(["--check"]) == 0
     assert check_lines(capsys.readouterr().out, platform.url, 200) == [
-        "authenticated: yes", NO_ORG, "token: role operator, scope read", WRITES_ON]
+        "authenticated: yes", NO_ORG, "token: role operator, scope read",
+        "write mode: off: the token is read-only (scope read), so the write tools stay hidden; use a token with "
+        "scope write"]
 
 
 def test_check_reports_a_redirect_and_does_not_follow_it(platform, monkeypatch, capsys):
     platform.fail_next(302, "", {"Location": "https://elsewhere.example/login"})
     use(monkeypatch, platform.url)
     assert kv.main(["--check"]) == 1
-    # "authenticated: no" for a redirect is the current wording (see the report on this file).
     assert check_lines(capsys.readouterr().out, platform.url, 302) == [
-        "authenticated: no",
+        "authenticated: unknown",
+        "KVMFLEET_API redirects elsewhere: give the URL it names (the server never follows a redirect).",
         "KVM Fleet answered GET /v1/devices with HTTP 302 Found, a redirect to elsewhere.example. It was not "
         "followed: the token is only ever sent to %s. Check KVMFLEET_API." % platform.url,
         NO_ORG, "token: role viewer, scope write", WRITES_OFF]
@@ -350,6 +358,65 @@ def test_check_when_the_token_scope_is_unknown_still_exits_0(platform, monkeypat
     assert check_lines(capsys.readouterr().out, platform.url, 200) == [
         "authenticated: yes", NO_ORG, "token: GET /v1/tokens/current answered HTTP 404 without a token description",
         WRITES_OFF]
+
+
+def test_check_with_writes_on_and_the_token_scope_unknown_says_so(platform, monkeypatch, capsys):
+    use(monkeypatch, platform.url, bearer="kvmf_demo_operator", KVMFLEET_MCP_ALLOW_WRITES="true")
+    platform.fail_next(200, '{"items": []}')
+    platform.fail_next(404, '{"error": {"code": "not_found"}}')
+    assert kv.main(["--check"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "write mode: on (the write tools are offered; the token's scope could not be read)")
+
+
+@pytest.mark.parametrize("api_path", ["/v1", "/api"])
+def test_check_with_a_wrong_base_path_names_the_path_not_the_token(platform, monkeypatch, capsys, api_path):
+    use(monkeypatch, platform.url + api_path)
+    assert kv.main(["--check"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["authenticated: unknown", "%s%s has no /v1/devices (HTTP 404): KVMFLEET_API must be KVM "
+                          "Fleet's base URL, e.g. https://app.kvmfleet.io, without a path such as /v1." % (
+                              platform.url, api_path)]
+
+
+@pytest.mark.parametrize("status,said", [
+    (500, "KVM Fleet had a fault (HTTP 500): try again later."),
+    (200, "%s answered, but not as KVM Fleet does: check KVMFLEET_API."),
+])
+def test_check_with_a_fault_or_a_page_that_is_not_kvm_fleet_says_which(platform, monkeypatch, capsys, status, said,
+                                                                       waits):
+    for _ in range(3):
+        platform.fail_next(status, "<html>welcome to nginx</html>")
+    use(monkeypatch, platform.url)
+    assert kv.main(["--check"]) == 1
+    assert capsys.readouterr().out.splitlines()[2] == (said % platform.url if "%s" in said else said)
+
+
+def test_check_against_a_host_that_does_not_exist_says_dns(monkeypatch, capsys, waits):
+    use(monkeypatch, "https://kvmfleet.invalid")
+    assert kv.main(["--check"]) == 1
+    assert capsys.readouterr().out == ("reachable: no\nThe host kvmfleet.invalid was not found (DNS): check "
+                                       "KVMFLEET_API.\n")
+
+
+@responses.activate
+@pytest.mark.parametrize("fault,said", [
+    ("SSLError", "The TLS certificate of kvmfleet.test could not be verified: for a private CA, set KVMFLEET_CA_BUNDLE "
+                 "to its PEM file; else check the host name in KVMFLEET_API."),
+    ("ProxyError", "The proxy in HTTPS_PROXY (http://proxy.test:3128) could not take the request to kvmfleet.test: "
+                   "check HTTPS_PROXY, or name kvmfleet.test in NO_PROXY."),
+    ("ConnectTimeout", "Connecting to kvmfleet.test took longer than 5 s: check the host and port in KVMFLEET_API, "
+                       "and any firewall between."),
+    ("ReadTimeout", "kvmfleet.test took the request but did not answer within 30 s: check that KVMFLEET_API is KVM "
+                    "Fleet."),
+])
+def test_check_names_a_tls_proxy_or_timeout_failure_in_one_plain_sentence(monkeypatch, capsys, waits, fault, said):
+    import requests
+
+    responses.add("GET", API + "/v1/devices", body=getattr(requests.exceptions, fault)("deep urllib3 detail"))
+    use(monkeypatch, API, HTTPS_PROXY="http://proxy.test:3128")
+    assert kv.main(["--check"]) == 1
+    assert capsys.readouterr().out == "reachable: no\n%s\n" % said
 
 
 @responses.activate

@@ -6,9 +6,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -428,41 +428,20 @@ def test_the_size_options_are_keyword_only():
         DemoPlatform("127.0.0.1", 0, False, False, 10)  # type: ignore[misc]
 
 
-# -- speed and latency ---------------------------------------------------------------
+# -- latency (how fast the fake is, is the context benchmark's business, not a test's) ----------
 
-def test_generating_20000_devices_and_30000_events_takes_well_under_2_seconds():
-    started = time.perf_counter()
-    platform = DemoPlatform(devices=DEVICES, events=EVENTS)
-    elapsed = time.perf_counter() - started
-    assert len(platform.devices) == DEVICES + 9 and len(platform.events) == EVENTS + 29
-    assert elapsed < 2.0, elapsed
+def test_latency_is_slept_before_each_answer(monkeypatch):
+    import demo_platform
 
-
-@pytest.mark.parametrize("path", ["/v1/devices?limit=500", "/v1/devices?limit=500&q=fra&status=online",
-                                  "/v1/audit/events?limit=500&since=2000-01-01T00:00:00Z&until=2999-01-01T00:00:00Z",
-                                  "/v1/audit/events?limit=500&action=auth.login&outcome=failure"
-                                  "&since=2000-01-01T00:00:00Z"])
-def test_a_500_item_page_at_fleet_size_costs_milliseconds_not_a_scan_of_parsed_timestamps(big, path):
-    headers = {"authorization": "Bearer " + VIEWER}
-    costs = []
-    for _ in range(5):
-        started = time.perf_counter()
-        status, _, _ = big._handle("GET", path, headers, b"", "127.0.0.1")
-        costs.append(time.perf_counter() - started)
-        assert status == 200
-    assert sorted(costs)[2] < 0.03, costs  # measured 1-5 ms; parsing every timestamp costs 100+ ms
-
-
-def test_latency_is_slept_before_each_answer():
+    slept: list = []
+    monkeypatch.setattr(demo_platform.time, "sleep", slept.append)
     with DemoPlatform(latency=0.25) as platform:
         for _ in range(2):
-            started = time.perf_counter()
             assert get(platform, "/v1/isos")[0] == 200
-            assert time.perf_counter() - started >= 0.25
+    assert slept == [0.25, 0.25]
     with DemoPlatform() as platform:
-        started = time.perf_counter()
         get(platform, "/v1/isos")
-        assert time.perf_counter() - started < 0.25
+    assert slept == [0.25, 0.25]
 
 
 # -- the command line ----------------------------------------------------------------
@@ -511,3 +490,14 @@ def test_the_module_docstring_shows_the_new_flags():
     assert dp.__doc__ is not None
     assert "[--devices N] [--events N] [--latency SECONDS]" in dp.__doc__
 
+
+
+def test_the_command_line_on_a_busy_port_says_so_in_one_line_not_a_traceback():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, dp.__file__, "--port", str(port)],
+                              capture_output=True, timeout=30)
+    assert proc.returncode == 1 and proc.stdout == b""
+    assert proc.stderr.decode() == (
+        "demo platform: cannot listen on 127.0.0.1:%d (Address already in use); stop what uses it, or pick another "
+        "port with --port (0: any free one).\n" % port)

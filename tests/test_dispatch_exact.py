@@ -251,7 +251,7 @@ def test_prompts_list_shows_each_prompts_title_question_calls_and_arguments():
         "name": "fleet_status", "title": "Fleet status",
         "description": "How many devices are there, and which are offline?\n%s\n"
                        '1. list_devices {"count_by": "status"}\n'
-                       '2. list_devices {"status": "offline", "fields": ["name"]}' % CALLS_HEADER,
+                       '2. list_devices {"status": "offline", "fields": ["name"], "limit": 500}' % CALLS_HEADER,
         "arguments": []}
     assert prompts[3] == {
         "name": "nis2_snapshot", "title": "NIS2 snapshot",

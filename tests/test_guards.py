@@ -409,7 +409,7 @@ def test_a_write_is_sent_once_even_on_a_gateway_fault_and_each_write_has_its_own
 def test_the_check_mode_read_is_tried_again_like_any_read_and_carries_no_idempotency_key(waits, capsys):
     responses.add("GET", API + "/v1/devices", status=503)
     responses.add("GET", API + "/v1/devices", json={"items": []})
-    assert kv._check(make_config()) == 0
+    assert kv._check(make_config(), "") == 0
     assert "authenticated: yes" in capsys.readouterr().out
     reads = [c.request for c in responses.calls if c.request.url.startswith(API + "/v1/devices")]
     assert len(reads) == 2 and "Idempotency-Key" not in reads[0].headers

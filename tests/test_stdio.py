@@ -207,3 +207,22 @@ def test_threads_never_take_sigterm_ctrl_c_or_the_deadline_timer_so_the_main_thr
     assert done.wait(10)
     assert {signal.SIGTERM, signal.SIGINT, signal.SIGALRM} <= seen[0] and seen[1] == ("probe", True)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # the caller's mask is as it was
+
+
+def test_writes_set_but_not_exactly_true_draw_one_warning_at_start_that_names_the_value():
+    proc = run_server([INITIALIZE], dict(unreachable_env(), KVMFLEET_MCP_ALLOW_WRITES="True"))
+    assert proc.returncode == 0 and proc.stderr == (
+        b'kvmfleet-mcp: warning: KVMFLEET_MCP_ALLOW_WRITES="True" is not exactly "true": the 10 write tools stay '
+        b"hidden. Set it to true, in lower case, to offer them; remove it for read-only use.\n")
+
+
+@pytest.mark.parametrize("version", [(3, 7, 17, "final", 0), (3, 8, 20, "final", 0)])
+def test_a_python_that_can_read_the_file_but_not_run_it_gets_one_clear_line_not_a_traceback(version):
+    # Run as Python 3.7 or 3.8 would: the check at the top is the first thing that runs.
+    code = ("import sys; sys.version_info = %r; sys.version = '%d.%d.%d (old)'; "
+            "exec(compile(open(%r).read(), %r, 'exec'), {'__name__': '__main__'})" % (
+                version, version[0], version[1], version[2], SERVER, SERVER))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, env=unreachable_env())
+    assert proc.returncode == 1 and proc.stdout == b""
+    assert proc.stderr == ("kvmfleet-mcp needs Python 3.9 or newer; %s is %d.%d.%d.\n" % (
+        sys.executable, *version[:3])).encode()

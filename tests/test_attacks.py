@@ -1,0 +1,514 @@
+"""Hardening, round 2: each attack of the security review, tried through the real process where it can be.
+
+One test (or a few) per weakness, named after the attack it stops: a client flooding stdin while a person
+is asked, an echoed token cut by a length bound, a token file with a second line, HTTP_PROXY / ALL_PROXY
+for a plain-http API, a long reason, human mode, a planted record file, a write whose answer cannot be
+handled, a result cap bypassed outside `items`, invisible characters, a trickling platform, a flood of
+writes, and methods that 2026-07-28 removed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import responses
+
+import kvmfleet_mcp as kv
+from conftest import (API, CANARY, INIT, MODERN_META, REQUEST_ID, SERVER, line, make_config, make_server,
+                      replies, require, rpc, run_server, server_env, text_of, writes_sent)
+import test_confirmation
+from test_confirmation import ASKS, Client, asked, writes
+from test_network import Loopback, no_canary_anywhere, reply, send, serve, tunnel  # noqa: F401 - fixtures
+
+CYCLE = {"device_id": "dev_srv_pdx_3", "action": "cycle"}
+
+
+# -- 1. a client cannot mute the server while a person is asked -------------------------------------
+
+
+def flood_then_ping(platform, size: int) -> float:
+    """Seconds from writing size bytes of tiny lines, then a ping, to the ping's answer (a person is asked)."""
+    c = Client(platform.url)
+    try:
+        c.initialize(capabilities=ASKS)
+        c.call(1, "power_action", CYCLE)
+        asked(c)
+        started = time.monotonic()
+        writer = threading.Thread(target=lambda: (c.stdin.write(b"{}\n" * (size // 3) + line(
+            {"jsonrpc": "2.0", "id": "ping", "method": "ping"})), c.stdin.flush()), daemon=True)
+        writer.start()
+        while c.recv(timeout=120).get("id") != "ping":
+            pass
+        return time.monotonic() - started
+    finally:
+        c.kill()
+
+
+def test_a_client_flooding_stdin_while_a_person_is_asked_cannot_mute_the_server(platform):
+    # Security: each line put aside costs the same, however many wait (a deque and running counts).
+    # Once each line cost a sum over all the others: 1 MB of tiny lines muted the server for hours.
+    small, large = flood_then_ping(platform, 250_000), flood_then_ping(platform, 1_000_000)
+    print("ping answered %.3f s after 250 KB, %.3f s after 1 MB of tiny lines" % (small, large))
+    assert large / small < 8  # four times the lines, about four times the time; quadratic would be 16
+
+
+def test_requests_put_aside_while_a_person_is_asked_are_bounded_in_number_as_well_as_in_bytes(monkeypatch):
+    stdin = kv.Channel(io.BytesIO(), io.BytesIO())
+    waiting = [stdin.put_aside(b"{}\n", None) for _ in range(kv.MAX_WAITING_LINES)]
+    assert all(waiting) and stdin.put_aside(b"{}\n", 7) is False  # the next one is answered busy
+    assert [stdin.next_line() for _ in range(2)] == [b"{}\n", b"{}\n"]
+    room = kv.MAX_WAITING_BYTES - 3 * (kv.MAX_WAITING_LINES - 2)  # bytes left beside the 998 lines
+    assert stdin.put_aside(b"x" * (room + 1), 8) is False  # too many bytes, though few lines
+    assert stdin.put_aside(b"x" * room, 9) is True and stdin.put_aside(b"\n", 10) is False
+
+
+def test_a_request_cancelled_while_it_waited_is_dropped_and_its_bytes_no_longer_count():
+    channel = kv.Channel(io.BytesIO(), io.BytesIO())
+    assert channel.put_aside(b'{"id":1}\n', 1) and channel.put_aside(b'{"id":"1"}\n', "1")
+    channel.drop_waiting(1)  # the integer 1, not the string "1"
+    assert channel.next_line() == b'{"id":"1"}\n'
+    assert channel.put_aside(b"x" * kv.MAX_WAITING_BYTES, 2)  # the bound is whole again
+
+
+# -- 2. an echoed token is redacted before anything is cut ---------------------------------------
+
+
+def longest_token_prefix(text: str) -> int:
+    """How many leading characters of the canary token the text holds (8 or more would be a leak)."""
+    return max((n for n in range(1, len(CANARY) + 1) if CANARY[:n] in text), default=0)
+
+
+@pytest.mark.parametrize("kept", [len(CANARY) - 1, 12])
+@responses.activate
+def test_an_echoed_token_cut_by_the_error_text_bound_is_still_redacted(kept):
+    # A model picks q so that the 4,000-character cut falls inside the token the platform echoes:
+    # cut first and redacted after, all of it but the last characters would reach the model.
+    echo = "x" * (kv.MAX_ERROR_TEXT - kept) + CANARY + " and more"
+    responses.add("GET", API + "/v1/devices", body=echo, status=400)
+    text = text_of(rpc(make_server(), "tools/call", {"name": "list_devices", "arguments": {"q": "x"}})["result"])
+    assert longest_token_prefix(text) < 8
+
+
+@responses.activate
+def test_an_echoed_token_in_a_preview_error_or_an_oversized_result_is_redacted_before_the_cut():
+    responses.add("GET", API + "/v1/access-grants", body="y" * (300 - 5) + CANARY, status=502)
+    server = make_server(writes=True)
+    text = text_of(rpc(server, "tools/call", {"name": "revoke_access", "arguments": {"grant_id": "g1"}})["result"])
+    assert "could not read access grant" in text and longest_token_prefix(text) < 8
+    responses.add("GET", API + "/v1/devices/d1", json={"id": "d1", "echo": "z" * 49_990 + CANARY})
+    text = text_of(rpc(server, "tools/call", {"name": "get_device_health", "arguments": {"device_id": "d1"}})["result"])
+    assert len(text) <= 50_000 and longest_token_prefix(text) < 8
+
+
+# -- 3. a token with whitespace or control characters inside ---------------------------------------
+
+
+@pytest.mark.parametrize("content", [CANARY + "\n# the prod token, rotated 2026-11\n", "Bearer " + CANARY,
+                                     CANARY + "\x00", CANARY + " " + CANARY])
+def test_a_token_file_with_a_second_line_or_a_bearer_prefix_is_refused_at_start_without_echoing_it(
+        tmp_path, content):
+    token_file = tmp_path / "token"
+    token_file.write_text(content)
+    token_file.chmod(0o600)
+    env = server_env("https://127.0.0.1:9", "", KVMFLEET_TOKEN_FILE=str(token_file))
+    del env["KVMFLEET_TOKEN"]
+    for args in ([], ["--check"]):
+        proc = subprocess.run([sys.executable, SERVER] + args, input=line({"jsonrpc": "2.0", "id": 0,
+                              "method": "initialize", "params": INIT}), capture_output=True, env=env, timeout=30)
+        assert proc.returncode == 2 and proc.stdout == b""
+        assert proc.stderr.decode() == (
+            "kvmfleet-mcp: KVMFLEET_TOKEN_FILE=%s holds a space, a line break or a character no token has (tokens "
+            "are one line, kvmf_ and letters or digits). Give the token alone: no 'Bearer ', no comment, no second "
+            "line.\n" % token_file)
+        assert longest_token_prefix(proc.stderr.decode()) < 8
+
+
+def test_a_token_in_the_environment_with_a_line_break_is_refused_at_start_without_echoing_it():
+    proc = run_server([], server_env("https://127.0.0.1:9", CANARY + "\r\nX-Injected: 1"), ["--check"])
+    assert proc.returncode == 2 and b"KVMFLEET_TOKEN holds a space, a line break" in proc.stderr
+    assert longest_token_prefix(proc.stderr.decode()) < 8
+
+
+def test_a_token_file_that_grows_a_second_line_after_start_fails_the_call_and_sends_nothing(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(CANARY + "\n")
+    token_file.chmod(0o600)
+    server = make_server(KVMFLEET_TOKEN="", KVMFLEET_TOKEN_FILE=str(token_file))
+    token_file.write_text(CANARY + "\nkvmf_the_old_one\n")
+    with responses.RequestsMock() as mock:
+        result = rpc(server, "tools/call", {"name": "list_isos", "arguments": {}})["result"]
+        assert len(mock.calls) == 0
+    assert result["isError"] and "holds a space, a line break" in text_of(result)
+    assert longest_token_prefix(text_of(result)) < 8
+
+
+def test_the_catch_all_log_line_never_carries_the_token_in_any_escaped_form(monkeypatch, capsys):
+    token = "kvmf_q'uote\\back\"slash"  # noqa: S105 - a test token with characters that escape
+    server = make_server(KVMFLEET_TOKEN=token)
+
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("headers were %r and %s and %r" % (
+            {"Authorization": "Bearer " + token}, json.dumps(token), ("Bearer " + token).encode()))
+
+    monkeypatch.setattr(server, "_tools_list", explode)
+    server._methods["tools/list"] = explode
+    assert rpc(server, "tools/list")["error"]["code"] == kv.INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert "internal error on tools/list" in err and "RuntimeError" in err
+    for form in (token, repr(token)[1:-1], json.dumps(token)[1:-1], "q'uote", "q\\'uote", "back\\\\slash"):
+        assert form not in err, form
+
+
+# -- 4. only HTTPS_PROXY, and never for plain http: in test_network.py, and through the real process here ---
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "HTTPS_PROXY"])
+def test_the_real_process_sends_a_plain_http_loopback_platforms_token_to_no_proxy(serve, variable):  # noqa: F811
+    platform = serve()
+    proxy = serve(tunnel, role="proxy")
+    env = server_env(platform.url, **{variable: proxy.url})
+    proc = run_server([line({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT}),
+                       line({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                             "params": {"name": "list_isos", "arguments": {}}})], env)
+    assert text_of(replies(proc.stdout)[1]["result"]) == '{"ok":true}'
+    assert proxy.requests == [] and len(platform.requests) == 1
+
+
+# -- 7. the record of agent actions: no symlink, no planted file ------------------------------------
+
+
+def record_of(path: Path, capsys) -> str:
+    """Write one record line to path; what the server logged."""
+    kv.write_record(str(path), {"tool": "power_action", "targets": {"device_id": "d1"}})
+    return capsys.readouterr().err
+
+
+def test_the_record_is_never_written_through_a_symlink(tmp_path, capsys):
+    target = tmp_path / "authorized_keys"
+    target.write_text("ssh-ed25519 AAAA admin\n")
+    os.chmod(target, 0o600)
+    (tmp_path / "agent.jsonl").symlink_to(target)
+    err = record_of(tmp_path / "agent.jsonl", capsys)
+    assert target.read_text() == "ssh-ed25519 AAAA admin\n"
+    assert err == ("kvmfleet-mcp: could not append to KVMFLEET_MCP_AUDIT_LOG=%s (it is a symbolic link); the call "
+                   "went on\n" % (tmp_path / "agent.jsonl"))
+
+
+def test_a_planted_record_readable_by_others_is_not_written(tmp_path, capsys):
+    planted = tmp_path / "agent.jsonl"
+    planted.write_text("")
+    planted.chmod(0o644)
+    err = record_of(planted, capsys)
+    assert planted.read_text() == ""
+    assert err.endswith("(its mode is 644, not 600: chmod 600 it); the call went on\n")
+
+
+def test_a_planted_record_of_another_user_is_not_written(tmp_path, capsys):
+    require(os.geteuid() == 0, "root, to plant a file of another user")
+    planted = tmp_path / "agent.jsonl"
+    planted.write_text("")
+    planted.chmod(0o600)
+    os.chown(planted, 4242, 4242)
+    err = record_of(planted, capsys)
+    assert planted.read_text() == "" and "(it belongs to uid 4242, not to this server's user)" in err
+
+
+def test_a_planted_fifo_neither_blocks_the_server_nor_takes_the_record(tmp_path, capsys):
+    fifo = tmp_path / "agent.jsonl"
+    os.mkfifo(fifo, 0o600)
+    started = time.monotonic()
+    err = record_of(fifo, capsys)
+    assert time.monotonic() - started < 5 and "could not append" in err
+
+
+def test_a_record_the_server_creates_is_a_private_regular_file_and_is_appended_to(tmp_path, capsys):
+    path = tmp_path / "agent.jsonl"
+    assert record_of(path, capsys) == "" and record_of(path, capsys) == ""
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_text().splitlines()) == 2
+
+
+# -- 8. a write whose answer cannot be handled ---------------------------------------------------------
+
+
+def sent_write(server: kv.Server, mock: responses.RequestsMock, record: Path) -> str:
+    """unmount_iso through the dispatcher: the result's text, checked to name the one write's request id."""
+    result = rpc(server, "tools/call", {"name": "unmount_iso", "arguments": {"device_id": "d1"}})["result"]
+    assert result["isError"] is True
+    [write] = [c for c in mock.calls if c.request.method == "POST"]
+    key = write.request.headers["Idempotency-Key"]
+    text = "\n".join(block["text"] for block in result["content"])
+    assert key in text and REQUEST_ID.search(text)
+    [entry] = [json.loads(row) for row in record.read_text().splitlines()]
+    assert entry["request_id"] == key and entry["outcome"] == "error"
+    return text
+
+
+@pytest.mark.parametrize("headers", [{"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"},
+                                     {"Retry-After": "Fri, 31 Dec 9999 23:59:60 GMT"}, {"Retry-After": "nan"}])
+def test_an_absurd_retry_after_on_a_write_is_never_waited_for_nor_an_internal_error(tmp_path, headers, waits):
+    server = make_server(writes=True, KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))
+    with responses.RequestsMock() as mock:
+        mock.add("POST", API + "/v1/devices/d1/iso:unmount", status=503, body="busy", headers=headers)
+        text = sent_write(server, mock, tmp_path / "r")
+    assert "HTTP 503 Service Unavailable" in text and waits == []
+
+
+def test_a_malformed_location_on_a_write_is_reported_with_its_request_id(tmp_path):
+    server = make_server(writes=True, KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))
+    with responses.RequestsMock() as mock:
+        mock.add("POST", API + "/v1/devices/d1/iso:unmount", status=302, headers={"Location": "http://[::1"})
+        text = sent_write(server, mock, tmp_path / "r")
+    assert "a redirect to http://[::1" in text and "not known whether KVM Fleet acted" in text
+
+
+@pytest.mark.parametrize("depth", [500, 900, 990, 5000])
+def test_a_deeply_nested_answer_to_a_write_is_a_tool_error_with_its_request_id(tmp_path, depth):
+    server = make_server(writes=True, KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))
+    with responses.RequestsMock() as mock:
+        mock.add("POST", API + "/v1/devices/d1/iso:unmount", body="[" * depth + "]" * depth,
+                 content_type="application/json")
+        result = rpc(server, "tools/call", {"name": "unmount_iso", "arguments": {"device_id": "d1"}})["result"]
+        key = [c for c in mock.calls if c.request.method == "POST"][0].request.headers["Idempotency-Key"]
+    assert key in json.dumps(result)
+    [entry] = [json.loads(row) for row in (tmp_path / "r").read_text().splitlines()]
+    assert entry["request_id"] == key
+
+
+def test_anything_that_fails_after_a_write_is_sent_says_the_outcome_is_unknown_and_is_recorded(
+        tmp_path, monkeypatch, capsys):
+    server = make_server(writes=True, KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("no room for the answer")
+
+    monkeypatch.setattr(kv, "reply_result", broken)
+    with responses.RequestsMock() as mock:
+        mock.add("POST", API + "/v1/devices/d1/iso:unmount", json={"ok": True})
+        text = sent_write(server, mock, tmp_path / "r")
+    assert text.startswith("POST /v1/devices/d1/iso:unmount: KVM Fleet's answer could not be handled (details on the "
+                           "server's stderr). It is not known whether KVM Fleet acted on it: check with a read tool "
+                           "before retrying.\nRequest id: ")
+    assert "MemoryError: no room for the answer" in capsys.readouterr().err
+
+
+# -- 9. no result text is longer than the cap -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{"items": [{"id": "d1"}], "blob": "b" * 2_000_000},
+                                  {"items": [], "next_cursor": "c" * 200_000},
+                                  {"blob": "\u202e" * 20_000}, ["\u200b" * 100] * 100])
+@responses.activate
+def test_a_body_whose_bulk_is_outside_the_items_cannot_pass_the_result_cap(body):
+    responses.add("GET", API + "/v1/devices", json=body)
+    server = make_server(KVMFLEET_MCP_MAX_RESULT_CHARS="50000")
+    text = text_of(rpc(server, "tools/call", {"name": "list_devices", "arguments": {}})["result"])
+    assert len(text) <= 50_000 and "more characters were not shown" in text
+
+
+@responses.activate
+def test_a_single_item_longer_than_the_cap_says_so_instead_of_advising_limit_1():
+    responses.add("GET", API + "/v1/devices", json={"items": [{"id": "d1", "notes": "n" * 3000}, {"id": "d2"}],
+                                                    "next_cursor": None})
+    text = text_of(rpc(make_server(KVMFLEET_MCP_MAX_RESULT_CHARS="2000"), "tools/call",
+                       {"name": "list_devices", "arguments": {}})["result"])
+    page = json.loads(text)
+    assert page["items"] == [] and page["_truncated"]["to_see_the_rest"] == (
+        "even the first item is longer than that: ask for fewer fields of each with fields")
+
+
+@responses.activate
+def test_an_error_text_is_held_to_a_small_cap_too():
+    responses.add("GET", API + "/v1/isos", status=500, body="\u2067" * 3000)  # each shown as 6 characters
+    text = text_of(rpc(make_server(KVMFLEET_MCP_MAX_RESULT_CHARS="1500"), "tools/call",
+                       {"name": "list_isos", "arguments": {}})["result"])
+    assert len(text) == 1500 and text.startswith("KVM Fleet refused GET /v1/isos: HTTP 500")
+
+
+# -- 10. every invisible character is shown ----------------------------------------------------------
+
+# Default_Ignorable_Code_Point, from DerivedCoreProperties-15.0.0.txt (Unicode 15.0.0), verbatim.
+DEFAULT_IGNORABLE = """\
+00AD          ; Default_Ignorable_Code_Point # Cf       SOFT HYPHEN
+034F          ; Default_Ignorable_Code_Point # Mn       COMBINING GRAPHEME JOINER
+061C          ; Default_Ignorable_Code_Point # Cf       ARABIC LETTER MARK
+115F..1160    ; Default_Ignorable_Code_Point # Lo   [2] HANGUL CHOSEONG FILLER..HANGUL JUNGSEONG FILLER
+17B4..17B5    ; Default_Ignorable_Code_Point # Mn   [2] KHMER VOWEL INHERENT AQ..KHMER VOWEL INHERENT AA
+180B..180D    ; Default_Ignorable_Code_Point # Mn   [3] MONGOLIAN FREE VARIATION SELECTOR ONE..MONGOLIAN FREE VARIATION SELECTOR THREE
+180E          ; Default_Ignorable_Code_Point # Cf       MONGOLIAN VOWEL SEPARATOR
+180F          ; Default_Ignorable_Code_Point # Mn       MONGOLIAN FREE VARIATION SELECTOR FOUR
+200B..200F    ; Default_Ignorable_Code_Point # Cf   [5] ZERO WIDTH SPACE..RIGHT-TO-LEFT MARK
+202A..202E    ; Default_Ignorable_Code_Point # Cf   [5] LEFT-TO-RIGHT EMBEDDING..RIGHT-TO-LEFT OVERRIDE
+2060..2064    ; Default_Ignorable_Code_Point # Cf   [5] WORD JOINER..INVISIBLE PLUS
+2065          ; Default_Ignorable_Code_Point # Cn       <reserved-2065>
+2066..206F    ; Default_Ignorable_Code_Point # Cf  [10] LEFT-TO-RIGHT ISOLATE..NOMINAL DIGIT SHAPES
+3164          ; Default_Ignorable_Code_Point # Lo       HANGUL FILLER
+FE00..FE0F    ; Default_Ignorable_Code_Point # Mn  [16] VARIATION SELECTOR-1..VARIATION SELECTOR-16
+FEFF          ; Default_Ignorable_Code_Point # Cf       ZERO WIDTH NO-BREAK SPACE
+FFA0          ; Default_Ignorable_Code_Point # Lo       HALFWIDTH HANGUL FILLER
+FFF0..FFF8    ; Default_Ignorable_Code_Point # Cn   [9] <reserved-FFF0>..<reserved-FFF8>
+1BCA0..1BCA3  ; Default_Ignorable_Code_Point # Cf   [4] SHORTHAND FORMAT LETTER OVERLAP..SHORTHAND FORMAT UP STEP
+1D173..1D17A  ; Default_Ignorable_Code_Point # Cf   [8] MUSICAL SYMBOL BEGIN BEAM..MUSICAL SYMBOL END PHRASE
+E0000         ; Default_Ignorable_Code_Point # Cn       <reserved-E0000>
+E0001         ; Default_Ignorable_Code_Point # Cf       LANGUAGE TAG
+E0002..E001F  ; Default_Ignorable_Code_Point # Cn  [30] <reserved-E0002>..<reserved-E001F>
+E0020..E007F  ; Default_Ignorable_Code_Point # Cf  [96] TAG SPACE..CANCEL TAG
+E0080..E00FF  ; Default_Ignorable_Code_Point # Cn [128] <reserved-E0080>..<reserved-E00FF>
+E0100..E01EF  ; Default_Ignorable_Code_Point # Mn [240] VARIATION SELECTOR-17..VARIATION SELECTOR-256
+E01F0..E0FFF  ; Default_Ignorable_Code_Point # Cn [3600] <reserved-E01F0>..<reserved-E0FFF>
+"""
+SYSTEM_UCD = Path("/usr/share/unicode/DerivedCoreProperties.txt")  # Debian's unicode-data
+
+
+def default_ignorable(text: str) -> List[int]:
+    """Every code point a DerivedCoreProperties text gives the Default_Ignorable_Code_Point property."""
+    points = []
+    for first, last in re.findall(r"^([0-9A-F]{4,6})(?:\.\.([0-9A-F]{4,6}))?\s*; Default_Ignorable_Code_Point\b",
+                                  text, re.M):
+        points += range(int(first, 16), int(last or first, 16) + 1)
+    return points
+
+
+def shown(code: int) -> bool:
+    """Whether visible() writes this character as an escape rather than as itself."""
+    return chr(code) not in kv.visible("a%sb" % chr(code))
+
+
+def test_every_default_ignorable_code_point_and_every_control_but_tab_and_newline_is_shown_escaped():
+    points = default_ignorable(DEFAULT_IGNORABLE)
+    assert len(points) == 4174  # the "Total code points" of that section
+    hidden = [p for p in points if p not in (0xFE0E, 0xFE0F)] + [p for p in range(0x20) if p not in (9, 10)] + list(
+        range(0x7F, 0xA0))
+    assert [hex(p) for p in hidden if not shown(p)] == []
+    # The emoji variation selectors stay, as does everything printable around them.
+    assert not shown(0xFE0E) and not shown(0xFE0F) and not any(map(shown, (0x09, 0x0A, 0x20, 0x41, 0xE9, 0x1F600)))
+
+
+def test_variation_selectors_cannot_smuggle_text_past_the_person():
+    # U+FE00..FE0D and the U+E0100 block can encode bytes invisibly after any visible character.
+    smuggled = "ok" + "".join(chr(0xFE00 + (b & 0x0D)) for b in b"rm -rf /") + "\U000E0100\U0001BCA0\uFFF0"
+    assert kv.visible(smuggled).startswith("ok\\ufe0") and not set(kv.visible(smuggled)) - set(
+        "okabcdef0123456789\\u")
+
+
+def test_the_system_unicode_data_gives_no_default_ignorable_code_point_that_is_not_shown():
+    require(SYSTEM_UCD.exists(), "Debian's unicode-data (/usr/share/unicode/DerivedCoreProperties.txt)")
+    points = default_ignorable(SYSTEM_UCD.read_text(encoding="utf-8"))
+    assert len(points) >= 4174
+    assert [hex(p) for p in points if p not in (0xFE0E, 0xFE0F) and not shown(p)] == []
+
+
+# -- 11. a platform that trickles ---------------------------------------------------------------------
+
+
+def trickle_headers(server: Loopback, conn: socket.socket, request: Dict[str, Any]) -> None:
+    """One byte of the status line a second, for ever (until the test ends)."""
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
+        if server.stopped.wait(1.0):
+            return
+        conn.sendall(bytes([byte]))
+
+
+def trickle_body(server: Loopback, conn: socket.socket, request: Dict[str, Any]) -> None:
+    """Headers at once, then one byte of a long body a second."""
+    conn.sendall(reply(200, length=100_000, Content_Type="application/json"))
+    while not server.stopped.wait(1.0):
+        conn.sendall(b" ")
+
+
+@pytest.mark.parametrize("action", [trickle_headers, trickle_body], ids=["headers", "body"])
+def test_a_platform_that_trickles_a_byte_a_second_holds_the_call_no_longer_than_the_read_timeout(
+        serve, action, monkeypatch):  # noqa: F811
+    # Security: every read is within the read timeout, yet the whole answer would take hours.
+    monkeypatch.setattr(test_confirmation, "OPERATOR", CANARY)  # the token the loopback platform expects
+    platform = serve(action)
+    c = Client(platform.url, KVMFLEET_READ_TIMEOUT="2", KVMFLEET_MCP_ALLOW_WRITES="")
+    try:
+        c.initialize()
+        started = time.monotonic()
+        c.call(1, "list_isos", {})
+        result = c.recv(timeout=60)["result"]
+        took = time.monotonic() - started
+    finally:
+        c.kill()
+    assert text_of(result) == ("GET /v1/isos: KVM Fleet's answer did not arrive in full within 2 s. A read changes "
+                               "nothing; it is safe to retry.")
+    assert 2 <= took < 2 + 1  # the read timeout, plus a second
+    assert len(platform.requests) == 1
+
+
+# -- 12. a bound on how many writes an agent fires ------------------------------------------------------
+
+
+def test_a_looping_agent_cannot_fire_more_writes_a_minute_than_allowed(platform, tmp_path):
+    record = tmp_path / "agent.jsonl"
+    c = Client(platform.url, KVMFLEET_MCP_MAX_WRITES_PER_MINUTE="3", KVMFLEET_MCP_AUDIT_LOG=str(record))
+    c.initialize()
+    for n in range(1, 6):
+        c.call(n, "acknowledge_alert", {"alert_id": "al_disk_full", "note": "looping %d" % n})
+    results = [c.recv()["result"] for _ in range(5)]
+    c.call(6, "list_isos", {})  # reads are unaffected
+    assert "isError" not in c.recv()["result"]
+    c.close()
+    assert len(writes(platform)) == 3
+    refused = [text_of(r) for r in results[3:]]
+    for text in refused:
+        assert re.fullmatch(r"Not done: this server sends at most 3 writes in any 60 s \(KVMFLEET_MCP_MAX_WRITES_"
+                            r"PER_MINUTE\), and that many were sent\. The next write is allowed in (60|59) s\. "
+                            r"Nothing was sent\.", text), text
+    entries = [json.loads(row) for row in record.read_text().splitlines()]
+    assert [e.get("refused") for e in entries if e["tool"] == "acknowledge_alert"] == [None] * 3 + ["write rate"] * 2
+
+
+@responses.activate
+def test_the_write_rate_is_counted_over_any_60_seconds(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(kv.time, "monotonic", lambda: now[0])
+    responses.add("POST", API + "/v1/alerts/history/a1/acknowledge", json={"ok": True})
+    server = make_server(writes=True, KVMFLEET_MCP_MAX_WRITES_PER_MINUTE="2")
+
+    def acknowledge() -> Dict[str, Any]:
+        return rpc(server, "tools/call", {"name": "acknowledge_alert", "arguments": {"alert_id": "a1"}})["result"]
+
+    assert "isError" not in acknowledge()
+    now[0] += 30
+    assert "isError" not in acknowledge()
+    now[0] += 29.5
+    assert "allowed in 1 s" in text_of(acknowledge())  # the first write is 59.5 s old
+    now[0] += 0.5
+    assert "isError" not in acknowledge()  # 60 s after the first: it no longer counts
+    assert len(writes_sent(responses.calls)) == 3
+
+
+def test_the_write_rate_is_a_whole_number_from_1_to_1000():
+    assert make_config().max_writes_per_minute == 10
+    assert make_config(KVMFLEET_MCP_MAX_WRITES_PER_MINUTE="1000").max_writes_per_minute == 1000
+    for bad in ("0", "1001", "2.5", "ten", "-1"):
+        with pytest.raises(kv.ConfigError) as refused:
+            make_config(KVMFLEET_MCP_MAX_WRITES_PER_MINUTE=bad)
+        assert str(refused.value) == "KVMFLEET_MCP_MAX_WRITES_PER_MINUTE=%s: give a whole number from 1 to 1000." % bad
+
+
+# -- 13. methods that 2026-07-28 removed, through the real process --------------------------------------
+
+
+def test_a_stamped_ping_or_initialize_is_method_not_found_and_leaves_the_process_unstamped(platform):
+    stamped = {"_meta": MODERN_META}
+    lines = [line({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": stamped}),
+             line({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": dict(INIT, **stamped)}),
+             line({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {}}),
+             line({"jsonrpc": "2.0", "id": 4, "method": "ping"})]
+    out = replies(run_server(lines, server_env(platform.url)).stdout)
+    assert [m.get("error", {}).get("code") for m in out] == [kv.METHOD_NOT_FOUND, kv.METHOD_NOT_FOUND,
+                                                            kv.INVALID_REQUEST, None]
+    assert out[2]["error"]["message"].startswith("Not initialized")  # the stamped initialize changed nothing
