@@ -403,8 +403,8 @@ def test_check_against_a_host_that_does_not_exist_says_dns(monkeypatch, capsys, 
 @pytest.mark.parametrize("fault,said", [
     ("SSLError", "The TLS certificate of kvmfleet.test could not be verified: for a private CA, set KVMFLEET_CA_BUNDLE "
                  "to its PEM file; else check the host name in KVMFLEET_API."),
-    ("ProxyError", "The proxy in HTTPS_PROXY (http://proxy.test:3128) could not take the request to kvmfleet.test: "
-                   "check HTTPS_PROXY, or name kvmfleet.test in NO_PROXY."),
+    ("ProxyError", "The proxy in HTTPS_PROXY could not take the request to kvmfleet.test: check HTTPS_PROXY, or name "
+                   "kvmfleet.test in NO_PROXY."),
     ("ConnectTimeout", "Connecting to kvmfleet.test took longer than 5 s: check the host and port in KVMFLEET_API, "
                        "and any firewall between."),
     ("ReadTimeout", "kvmfleet.test took the request but did not answer within 30 s: check that KVMFLEET_API is KVM "
