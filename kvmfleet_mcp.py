@@ -753,12 +753,17 @@ def resolve_durations(args: JSON, now: float) -> str:
     for name in ("since", "until"):
         value = args.get(name)
         if isinstance(value, str) and re.search(DURATION_PATTERN, value):
+            if "cursor" in args:  # a later page must have the first page's window, not a new one
+                raise ToolError("Invalid arguments: %s=%s is relative to now, so the next page would have other "
+                                "filters; with cursor, give the RFC 3339 time that the first page's 'Time window "
+                                "used' names." % (name, value))
             seconds = int(value[:-1]) * DURATION_SECONDS[value[-1]]
             args[name] = _utc(now - seconds)
             said.append("%s=%s (%s before now)" % (name, args[name], value))
     if not said:
         return ""
-    return "Time window used: %s; now is %s." % (", ".join(said), _utc(now))
+    return "Time window used: %s; now is %s. To follow next_cursor, give these times, not the durations." % (
+        ", ".join(said), _utc(now))
 
 
 def _utc(seconds: float) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,9 @@ def answer(client: StdioClient, calls: List[Call]) -> Tuple[List[Tuple[Call, JSO
             if not isinstance(page, dict):
                 break
             pages.append(page)
+            # A duration names another window on each call: later pages keep the first page's, as it says.
+            window = " ".join(block["text"] for block in result["content"][1:])
+            args.update(re.findall(r"\b(since|until)=(\S+) \(", window))
             cut = page.get("_truncated")
             if cut and cut["items_shown"]:
                 args["limit"] = cut["items_shown"]  # the same cursor again, for a page that fits

@@ -219,7 +219,18 @@ def test_relative_since_and_until_are_both_resolved_against_one_now_and_said(mon
     assert responses.calls[0].request.params == {"since": "2026-09-19T14:13:20Z", "until": "2026-09-21T12:43:20Z"}
     assert result["content"][1] == {"type": "text", "text": (
         "Time window used: since=2026-09-19T14:13:20Z (2d before now), until=2026-09-21T12:43:20Z (90m before now); "
-        "now is 2026-09-21T14:13:20Z.")}
+        "now is 2026-09-21T14:13:20Z. To follow next_cursor, give these times, not the durations.")}
+
+
+@responses.activate
+def test_a_duration_with_a_cursor_is_refused_since_the_next_page_would_have_another_window():
+    # Resolved afresh, "24h" names another second on each page: a cursor bound to the first page's filters
+    # would be refused, or, worse, pages would come from two windows. Nothing is sent.
+    reply = rpc(make_server(), "tools/call", {"name": "query_audit_log", "arguments": {"since": "24h", "cursor": "c2"}})
+    assert reply["result"] == {"isError": True, "content": [{"type": "text", "text": (
+        "Invalid arguments: since=24h is relative to now, so the next page would have other filters; with cursor, "
+        "give the RFC 3339 time that the first page's 'Time window used' names.")}]}
+    assert len(responses.calls) == 0
 
 
 # -- tools/list ----------------------------------------------------------------------------------

@@ -11,17 +11,43 @@ from conftest import ROOT
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_readme_tool_table_matches_the_tool_table():
-    rows = re.findall(r"^\| `(\w+)` \| `(GET|POST) ([^`]+)` \| ([^|]+) \|([^|]*)\|$", README, re.M)
+def test_readme_tool_table_matches_the_tool_table_with_every_argument():
+    rows = re.findall(r"^\| `(\w+)` \| `(GET|POST) ([^`]+)` \| ([^|]+) \| ([^|]+) \|([^|]*)\|$", README, re.M)
     assert [row[0] for row in rows] == [t.name for t in kv.TOOLS]
-    for (name, method, path, confirm, hints), tool in zip(rows, kv.TOOLS):
+    for (name, method, path, arguments, confirm, hints), tool in zip(rows, kv.TOOLS):
         query = "&".join("%s=%s" % pair for pair in tool.fixed_query)
         assert (method, path) == (tool.method, tool.path + ("?" + query if query else ""))
+        # The arguments, in the table's order, the required ones in bold.
+        assert arguments.strip() == (", ".join(("**`%s`**" if n in tool.required else "`%s`") % n
+                                               for n in tool.properties) or "none"), name
         rule = kv._confirm_rule(tool).replace("|", ", ").replace(", cycle", " or cycle")
         assert confirm.strip() == rule, name
         expected = [letter for letter, on in (("R", tool.read_only), ("D", tool.destructive),
                                               ("I", tool.idempotent)) if on]
         assert hints.split() == expected, name
+
+
+def test_the_prompt_table_gives_each_prompts_calls():
+    rows = dict(re.findall(r"^\| `(\w+)` \|[^|]*\| (.+) \|$", README, re.M))
+    for prompt in kv.PROMPTS:
+        tools = [tool for tool in re.findall(r"`(\w+)(?: \{[^`]*\})?`", rows[prompt.name]) if tool in kv.TOOLS_BY_NAME]
+        assert tools == [tool for tool, _ in prompt.steps], prompt.name
+
+
+def test_the_changelog_names_this_version_and_the_sha256_of_this_very_file():
+    import hashlib
+
+    digest = hashlib.sha256((ROOT / "kvmfleet_mcp.py").read_bytes()).hexdigest()
+    assert re.search(r"^\| %s \| `%s` \|$" % (re.escape(kv.__version__), digest), README, re.M), (
+        "README's 'Upgrading and verifying the file' must list %s with sha256 %s" % (kv.__version__, digest))
+    assert re.search(r"^### %s \(\d{4}-\d{2}-\d{2}\)$" % re.escape(kv.__version__), README, re.M)
+
+
+def test_the_readme_has_a_map_whose_links_all_lead_somewhere():
+    anchors = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+               for heading in re.findall(r"^#{2,3} (.+)$", README, re.M)}
+    links = re.findall(r"\]\(#([\w-]+)\)", README)
+    assert len(links) >= 10 and set(links) <= anchors, set(links) - anchors
 
 
 def test_every_environment_variable_is_documented():
