@@ -67,6 +67,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import queue
 import re
@@ -1081,7 +1082,7 @@ class Platform:
         """
         request = self._prepare(method, path, query, body, client, key)
         timeout = (quick, quick) if quick else (self.config.connect_timeout, self.config.read_timeout)
-        tries = 1 if key or quick else 1 + READ_RETRIES
+        tries = 1 if key or quick else 1 + READ_RETRIES  # Security: a write is sent once
         if key:
             self._writes.append(time.monotonic())
         for attempt in range(tries):
@@ -1093,8 +1094,7 @@ class Platform:
                     raise _network_failure(self.config, method, path, exc.args[0]) from None
                 time.sleep(RETRY_BACKOFF * (1 << attempt))
                 continue
-            # Security: a write never waits to be sent again, whatever the platform says.
-            wait = None if key or last else _retry_delay(response, attempt)
+            wait = None if last else _retry_delay(response, attempt)  # a write's one try is its last
             if wait is None:
                 return Reply(response.status_code, response.reason or "", content,
                              response.headers.get("Location", ""), attempt, response.headers.get("Retry-After", ""),
@@ -1159,11 +1159,11 @@ class Platform:
 
 
 def _proxies(config: Config, requests: Any) -> Dict[str, str]:
-    """Security: HTTPS_PROXY for an https:// platform, unless NO_PROXY names it; never a proxy for http://."""
+    """Security: HTTPS_PROXY, unless NO_PROXY names the platform; for https:// only."""
     # HTTP_PROXY and ALL_PROXY are not honoured: through a plain-http proxy
-    # the token would cross the network in clear.
-    if (not config.https_proxy or not config.api.startswith("https://")
-            or requests.utils.should_bypass_proxies(config.api, no_proxy=config.no_proxy)):
+    # the token would cross the network in clear. Keyed "https", the proxy is
+    # never used for a plain-http platform.
+    if not config.https_proxy or requests.utils.should_bypass_proxies(config.api, no_proxy=config.no_proxy):
         return {}
     return {"https": config.https_proxy}
 
@@ -1368,7 +1368,7 @@ def _within_write_rate(platform: Platform, entry: JSON) -> None:
         raise ToolError("Not done: this server sends at most %d writes in any 60 s "
                         "(KVMFLEET_MCP_MAX_WRITES_PER_MINUTE), and that many were sent. The next write is "
                         "allowed in %d s. Nothing was sent." % (platform.config.max_writes_per_minute,
-                                                                  int(wait) + 1))
+                                                                  math.ceil(wait)))
 
 
 def _send(tool: Tool, platform: Platform, client: str, path: str, query: Optional[List[Tuple[str, str]]],

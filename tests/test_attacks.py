@@ -302,6 +302,19 @@ def test_anything_that_fails_after_a_write_is_sent_says_the_outcome_is_unknown_a
     assert "MemoryError: no room for the answer" in capsys.readouterr().err
 
 
+def test_a_call_that_ends_in_an_internal_error_still_leaves_its_record_line(tmp_path, monkeypatch):
+    server = make_server(writes=True, KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))
+
+    def broken(*args: Any) -> str:
+        raise RuntimeError("a bug before anything was sent")
+
+    monkeypatch.setattr(kv, "resolve_durations", broken)
+    reply = rpc(server, "tools/call", {"name": "unmount_iso", "arguments": {"device_id": "d1"}})
+    assert reply["error"]["code"] == kv.INTERNAL_ERROR
+    [entry] = [json.loads(row) for row in (tmp_path / "r").read_text().splitlines()]
+    assert entry["tool"] == "unmount_iso" and entry["outcome"] == "internal error"
+
+
 # -- 9. no result text is longer than the cap -----------------------------------------------------------
 
 
@@ -487,6 +500,7 @@ def test_the_write_rate_is_counted_over_any_60_seconds(monkeypatch):
     assert "allowed in 1 s" in text_of(acknowledge())  # the first write is 59.5 s old
     now[0] += 0.5
     assert "isError" not in acknowledge()  # 60 s after the first: it no longer counts
+    assert "allowed in 30 s" in text_of(acknowledge())  # but the second and the third do
     assert len(writes_sent(responses.calls)) == 3
 
 
