@@ -65,6 +65,7 @@ import datetime
 import errno
 import hashlib
 import hmac
+import importlib.util
 import ipaddress
 import json
 import math
@@ -73,12 +74,10 @@ import queue
 import re
 import signal
 import stat
-import sys
+import sysconfig
 import threading
 import time
 import traceback
-import importlib.util
-import sysconfig
 from typing import Any
 from typing import Callable
 from typing import Deque
