@@ -63,6 +63,7 @@ import base64
 import collections
 import datetime
 import errno
+import functools
 import hashlib
 import hmac
 import importlib.util
@@ -691,6 +692,12 @@ def error_response(request_id: Any, code: int, message: str, data: Any = None) -
     return {"jsonrpc": "2.0", "id": request_id, "error": error}
 
 
+def too_long() -> bytes:
+    """The answer to a line over MAX_LINE_BYTES, which was dropped as it arrived."""
+    return encode(error_response(None, INVALID_REQUEST, "Message longer than %d bytes; it was discarded"
+                                 % MAX_LINE_BYTES))
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
@@ -715,17 +722,18 @@ def same_id(one: Any, other: Any) -> bool:
 
 
 _SECRETS: List[str] = []  # every token seen, as written and escaped: never in a log line or a result
+_ESCAPED_SECRETS: List[Any] = []  # each token as JSON may write it, any character as \\uXXXX (or / as \\/)
 
 
 def _keep_secret(secret: str) -> None:
     # A string this short is no real token (they are kvmf_ and 40-odd
     # characters); redacting it would mangle ordinary words instead.
-    if len(secret) < 8:
+    if len(secret) < 8 or secret in _SECRETS:
         return
     # Security: also as a traceback (repr) or a JSON body would escape it.
-    for form in (secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]):
-        if form not in _SECRETS:
-            _SECRETS.append(form)
+    _SECRETS.extend(form for form in (secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]) if form not in _SECRETS)
+    _ESCAPED_SECRETS.append(re.compile("".join("(?:%s|\\\\u(?i:%04x)%s)" % (
+        re.escape(char), ord(char), "|\\\\/" if char == "/" else "") for char in secret)))
 
 
 def redact(text: str) -> str:
@@ -734,6 +742,8 @@ def redact(text: str) -> str:
     # back; the token must not reach the model or the logs that way either.
     for secret in _SECRETS:
         text = text.replace(secret, "[redacted]")
+    for pattern in _ESCAPED_SECRETS if "\\" in text else ():  # only text with an escape in it can hide one
+        text = pattern.sub("[redacted]", text)
     return text
 
 
@@ -857,8 +867,14 @@ class Config(NamedTuple):
         if not self.token_file:
             return self.token
         try:
-            with open(self.token_file, encoding="utf-8") as handle:
-                token = handle.read().strip()
+            # Security: never a FIFO or a device planted in its place, which would hold the server.
+            handle = os.open(self.token_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            try:
+                if not stat.S_ISREG(os.fstat(handle).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                token = os.read(handle, 4096).decode("utf-8").strip()
+            finally:
+                os.close(handle)
         except (OSError, UnicodeDecodeError) as exc:
             raise ToolError("Could not read KVMFLEET_TOKEN_FILE=%s (%s)." % (
                 self.token_file, type(exc).__name__)) from None
@@ -942,7 +958,7 @@ def _whole(env: Dict[str, str], name: str, default: int, most: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or not 1 <= int(raw) <= most:
         raise ConfigError("%s=%s: give a whole number from 1 to %d." % (name, raw[:40], most))
     return int(raw)
 
@@ -982,6 +998,9 @@ def _is_loopback(host: Optional[str]) -> bool:
 
 def _requests() -> Any:
     """The requests package, imported on the first call to the platform (~60 ms at start-up otherwise)."""
+    # Security: urllib3 writes TLS session secrets to the file SSLKEYLOGFILE
+    # names, which with a capture would expose the token.
+    os.environ.pop("SSLKEYLOGFILE", None)
     import requests
 
     return requests
@@ -1053,8 +1072,11 @@ class Platform:
             # them back, honour HTTP_PROXY and ALL_PROXY, and let ~/.netrc replace
             # Authorization and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE swap the CA.
             self._proxies = _proxies(self.config, requests)
+            # Security: identity only: urllib3 1.x inflates a whole read before
+            # the size bound sees it, so a 2 KB answer could take gigabytes.
             self._headers = dict(requests.utils.default_headers(), **{
-                "Accept": "application/json", "User-Agent": "%s/%s" % (SERVER_NAME, __version__)})
+                "Accept": "application/json", "Accept-Encoding": "identity",
+                "User-Agent": "%s/%s" % (SERVER_NAME, __version__)})
             if self.config.org_id:
                 # Security: set here, from the environment only; no tool
                 # argument reaches this header, so the model cannot switch orgs.
@@ -1097,7 +1119,7 @@ class Platform:
             if wait is None:
                 return Reply(response.status_code, response.reason or "", content,
                              response.headers.get("Location", ""), attempt, response.headers.get("Retry-After", ""),
-                             _header_safe(response.headers.get("X-Request-Id")))
+                             _header_safe(redact(response.headers.get("X-Request-Id", ""))))
             time.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -1140,6 +1162,11 @@ class Platform:
                     raise Passing(exc) from None
                 except requests.RequestException as exc:  # no answer in time, and the like
                     raise _network_failure(self.config, method, path, exc) from None
+                encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    response.close()
+                    raise ToolError("%s %s: KVM Fleet answered with Content-Encoding %s, which was not asked for; "
+                                    "it was not read. %s" % (method, path, bounded(encoding, 40), _outcome(method)))
                 try:
                     with response:
                         # urllib3 1.x takes an answer cut short of its Content-Length as whole.
@@ -1413,6 +1440,7 @@ def count_items(platform: Platform, client: str, path: str, query: List[Tuple[st
                                       "were read before it." % (pages + 1, pages, total)})
             return result
         pages += 1
+        items = items[:size]  # a platform that sends more than asked does not stretch the bound
         total += len(items)
         counts.update(value if isinstance(value, str) else compact(value)
                       for value in (item.get(field) if isinstance(item, dict) else None for item in items))
@@ -1477,8 +1505,9 @@ def _read(platform: Platform, client: str, what: str, path: str,
         return "could not read %s: %s" % (what, bounded(str(exc), 300))
     data = _json_object(reply.body) if 200 <= reply.status < 300 else None
     if data is None:
-        return "could not read %s: HTTP %d %s %s" % (
-            what, reply.status, reply.reason, bounded(reply.body.decode("utf-8", "replace"), 300))
+        return "could not read %s: HTTP %d %s %s" % (  # the body quoted: it may hold line breaks
+            what, reply.status, reply.reason, json.dumps(bounded(reply.body.decode("utf-8", "replace"), 300),
+                                                         ensure_ascii=False))
     return data
 
 
@@ -1500,8 +1529,8 @@ def _listed(platform: Platform, client: str, what: str, path: str, query: List[T
         if not found:
             return "%s %s is not among the first %d %s KVM Fleet listed" % (what, wanted, PREVIEW_PAGE, among)
         return "%s %s: %s" % (what, wanted, describe(found[0]))
-    more = " (and more)" if page.get("next_cursor") else ""
-    return "%s: %s%s" % (what, "; ".join(describe(item) for item in items) or "none", more)
+    more = " (and more)" if page.get("next_cursor") or len(items) > PREVIEW_ITEMS else ""
+    return "%s: %s%s" % (what, "; ".join(describe(item) for item in items[:PREVIEW_ITEMS]) or "none", more)
 
 
 def _session_line(session: JSON) -> str:
@@ -1534,7 +1563,7 @@ def _age(stamp: Any) -> str:
 
 def write_record(path: str, entry: JSON) -> None:
     """Append one line to the record of agent actions; a failure is logged and the call goes on."""
-    line = compact(entry).encode("utf-8", "backslashreplace")
+    line = redact(compact(entry)).encode("utf-8", "backslashreplace")  # Security: whatever the platform echoed
     try:
         # Security: created 0600 and only ever appended to; never opened
         # through a symlink (O_NOFOLLOW), nor blocked on a planted FIFO
@@ -1555,8 +1584,8 @@ def write_record(path: str, entry: JSON) -> None:
 
 def _not_ours(info: os.stat_result) -> str:
     """Why a record file must not be written ('' when it is a regular file of ours, mode 0600)."""
-    if not stat.S_ISREG(info.st_mode):
-        return "it is not a regular file"
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        return "it is not a regular file with one name (a link can lead anywhere)"
     if os.name == "posix" and info.st_uid != os.geteuid():
         return "it belongs to uid %d, not to this server's user" % info.st_uid
     if os.name == "posix" and stat.S_IMODE(info.st_mode) != 0o600:
@@ -1573,7 +1602,9 @@ def token_scope(platform: Platform, client: str) -> Tuple[Optional[JSON], str]:
     data = _json_object(reply.body) if reply.status == 200 else None
     if data is None:
         return None, "GET /v1/tokens/current answered HTTP %d without a token description" % reply.status
-    return data, "role %s, scope %s" % (bounded(str(data.get("role")), 40), bounded(str(data.get("scope")), 40))
+    # json.dumps escapes a line break or a lone surrogate that would forge or break the output.
+    return data, "role %s, scope %s" % tuple(json.dumps(bounded(str(data.get(key)), 40))[1:-1]
+                                             for key in ("role", "scope"))
 
 ###############################################################################
 # Asking a person #############################################################
@@ -1700,7 +1731,8 @@ class Asker:
         """The client's response to our request ask_id, serving pings meanwhile; {} at EOF, None on timeout."""
         deadline = time.monotonic() + self.config.confirm_timeout
         while True:
-            line = channel.read(max(deadline - time.monotonic(), 0.0))
+            left = deadline - time.monotonic()
+            line = channel.read(left) if left > 0 else None  # Security: a busy stdin does not stretch it
             if line is None:
                 return None
             if not line:
@@ -1714,7 +1746,9 @@ class Asker:
             request_id = request_id_of(message)
             if isinstance(message, dict) and method is None and message.get("id") == ask_id:
                 return message
-            if method == "ping" and request_id is not None:
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                channel.write(too_long())
+            elif method == "ping" and request_id is not None:
                 channel.write(self.answer(line) or b"")
             elif method == "notifications/cancelled" and isinstance(params, dict):
                 if same_id(params.get("requestId"), call_id):
@@ -1736,16 +1770,16 @@ class Asker:
             return {"resultType": "input_required", "requestState": self._seal(tool, args),
                     "inputRequests": {ASK_KEY: {"method": "elicitation/create",
                                                 "params": self._form(tool, args, call)}}}
-        nonce, until = self._unseal(call.params.get("requestState"), tool, args, what)
+        now = time.time()  # Security: one reading, so that no yes is both unexpired and forgotten
+        nonce, until = self._unseal(call.params.get("requestState"), tool, args, what, now)
         why, label = verdict(answer)
         entry["confirmation"]["answer"] = label
         if why:
             raise _not_approved(what, why)
-        now = time.time()
-        self._spent = {spent: end for spent, end in self._spent.items() if end >= now}
         # Security: one person's yes makes one call; a replayed retry is refused.
         if nonce in self._spent:
             raise ToolError("Not done: %s. This approval was already used once; ask again." % what)
+        self._spent = {spent: end for spent, end in self._spent.items() if end >= now}
         self._spent[nonce] = until
         return None
 
@@ -1760,7 +1794,7 @@ class Asker:
         # so state from another process or principal fails verification.
         return hmac.new(self._key, (payload + "\n" + self.config.bearer()).encode(), "sha256").hexdigest()
 
-    def _unseal(self, state: Any, tool: Tool, args: JSON, what: str) -> Tuple[str, float]:
+    def _unseal(self, state: Any, tool: Tool, args: JSON, what: str, now: float) -> Tuple[str, float]:
         """The nonce and expiry of a requestState we signed for exactly this call; else ToolError."""
         # Security: requestState comes back through the client, so it is
         # attacker-controlled: verified before a byte of it is believed.
@@ -1775,7 +1809,7 @@ class Asker:
         if not isinstance(fields, dict) or fields["tool"] != tool.name or fields["args"] != _digest(args):
             raise ToolError("Not done: %s. The answer came with a requestState that this server did not "
                             "issue for this tool and these arguments. No write was sent." % what)
-        if fields["until"] < time.time():
+        if fields["until"] < now:
             raise ToolError("Not done: %s. The user's answer came after %g s; ask again." % (
                 what, self.config.confirm_timeout))
         return str(fields["nonce"]), float(fields["until"])
@@ -1878,8 +1912,8 @@ class Server:
                 result.setdefault("resultType", "complete")
                 result.setdefault("_meta", {})[META_SERVER] = self._server_info()
             return {"jsonrpc": "2.0", "id": request_id, "result": result}
-        except ProtocolError as exc:
-            return error_response(request_id, exc.code, str(exc), exc.data)
+        except ProtocolError as exc:  # its text may quote a client's or the platform's characters
+            return error_response(request_id, exc.code, visible(str(exc)), exc.data)
         except Abandoned:
             return None  # the client cancelled it: a cancelled request gets no reply
         except Exception:  # noqa: BLE001 - the one catch-all, at the boundary
@@ -1989,26 +2023,27 @@ class Server:
                 "messages": [{"role": "user", "content": {"type": "text", "text": prompt_text(prompt, given)}}]}
 
     def _tools_call(self, params: JSON, modern: Optional[str]) -> JSON:
-        name = params.get("name")
-        args = params.get("arguments", {})
-        if args is None:
-            args = {}
-        if not isinstance(name, str) or not isinstance(args, dict):
-            raise ProtocolError(INVALID_PARAMS, "tools/call needs a string name and an object of arguments")
-        # Security: a write tool that is not advertised is refused exactly
-        # like a tool that does not exist, before anything is sent.
-        tool = self.offered().get(name)
-        if tool is None:
-            raise ProtocolError(INVALID_PARAMS, "Unknown tool: %s" % bounded(name, 100))
+        name, args = params.get("name"), params.get("arguments") or {}
         client = self.client_info if modern is None else params["_meta"].get(META_CLIENT)
         call = Call(params, modern, self.legacy_version,
                     self.client_capabilities if modern is None else params["_meta"].get(META_CAPABILITIES),
                     self._request_id, self._tag if modern is None else client_tag(client))
-        started, entry, outcome = time.monotonic(), {"tool": tool.name, "write": tool.write}, "internal error"
+        known = TOOLS_BY_NAME.get(name) if isinstance(name, str) else None
+        entry: JSON = {"tool": bounded(str(name), 100), "write": known is not None and known.write}
+        started, outcome = time.monotonic(), "internal error"
         try:
+            if not isinstance(name, str) or not isinstance(args, dict):
+                outcome = "refused"
+                raise ProtocolError(INVALID_PARAMS, "tools/call needs a string name and an object of arguments")
+            # Security: a write tool that is not advertised is refused exactly
+            # like a tool that does not exist, before anything is sent.
+            tool = self.offered().get(name)
+            if tool is None:
+                outcome = "unknown tool"
+                raise ProtocolError(INVALID_PARAMS, "Unknown tool: %s" % bounded(name, 100))
             try:
-                result = call_tool(tool, args, self.platform, call.client, lambda tool, args, confirmed, entry:
-                                   self.asker.approve(tool, args, confirmed, entry, call), entry)
+                result = call_tool(tool, args, self.platform, call.client,
+                                   functools.partial(self.asker.approve, call=call), entry)
             except ToolError as exc:
                 result = text_result(str(exc), self.config.max_result_chars, is_error=True)
             outcome = ("asked a person" if result.get("resultType") == "input_required"
@@ -2016,6 +2051,9 @@ class Server:
             return result
         except Abandoned:
             outcome = "cancelled by the client"
+            raise
+        except (SystemExit, KeyboardInterrupt):
+            outcome = "cut short: the server was stopped"
             raise
         finally:
             # Security: every call leaves its line in the record, however it ends.
@@ -2045,8 +2083,9 @@ class Channel:
         # Stdin's chunks from a reader thread, once a read needed a time limit.
         self._chunks: Optional[queue.Queue[bytes]] = None
         self._ended = False
-        # Security: constant work per line put aside: a deque, and running counts.
-        self._waiting: Deque[Tuple[Any, bytes]] = collections.deque()  # (request id, line)
+        # Security: constant work per line put aside, or cancelled: a deque, and running counts.
+        self._waiting: Deque[Tuple[Any, bytes]] = collections.deque()  # (the request's id key, line)
+        self._waiting_ids: collections.Counter[Any] = collections.Counter()  # how many wait, per id key
         self._waiting_bytes = 0
 
     def write(self, data: bytes) -> None:
@@ -2056,7 +2095,8 @@ class Channel:
     def next_line(self) -> bytes:
         """The next line to serve (b"" at the end): lines put aside first."""
         if self._waiting:
-            line = self._waiting.popleft()[1]
+            key, line = self._waiting.popleft()
+            self._waiting_ids[key] -= 1
             self._waiting_bytes -= len(line)
             return line
         return self.read() or b""
@@ -2065,16 +2105,19 @@ class Channel:
         """Keep a line to serve after the question; False when the bound is reached."""
         if len(self._waiting) >= MAX_WAITING_LINES or self._waiting_bytes + len(line) > MAX_WAITING_BYTES:
             return False
-        self._waiting.append((request_id, line))
+        key = (type(request_id), request_id)  # ids as JSON tells them apart: 1 is not "1" nor true
+        self._waiting.append((key, line))
+        self._waiting_ids[key] += 1
         self._waiting_bytes += len(line)
         return True
 
     def drop_waiting(self, request_id: Any) -> None:
-        """Forget the put-aside request with this id (it was cancelled)."""
-        kept = [(waiting, line) for waiting, line in self._waiting if not same_id(waiting, request_id)]
-        if len(kept) != len(self._waiting):
-            self._waiting = collections.deque(kept)
-            self._waiting_bytes = sum(len(line) for _, line in kept)
+        """Forget the put-aside requests with this id (they were cancelled)."""
+        key = (type(request_id), request_id)
+        if isinstance(request_id, (str, int)) and self._waiting_ids[key]:  # an id a request can have
+            self._waiting = collections.deque(entry for entry in self._waiting if entry[0] != key)
+            self._waiting_ids[key] = 0
+            self._waiting_bytes = sum(len(line) for _, line in self._waiting)
 
     def read(self, timeout: Optional[float] = None) -> Optional[bytes]:
         """The next stdin line (b"" at the end), or None when timeout seconds pass first.
@@ -2160,8 +2203,7 @@ def serve(server: Server, stdin: Any, stdout: IO[bytes]) -> int:
         if not line:
             return 0
         if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-            out: Optional[bytes] = encode(error_response(
-                None, INVALID_REQUEST, "Message longer than %d bytes; it was discarded" % MAX_LINE_BYTES))
+            out: Optional[bytes] = too_long()
         elif not line.strip():
             continue
         else:
@@ -2345,6 +2387,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if mode == "check":
         return _check(config, os.environ.get("KVMFLEET_MCP_ALLOW_WRITES", ""))
     signal.signal(signal.SIGTERM, _leave)
+    if hasattr(signal, "pthread_sigmask"):  # Security: a mask inherited from the client would mute them
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGALRM})
     return _serve_stdio(Server(config))
 
 

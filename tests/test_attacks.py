@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -29,7 +30,7 @@ from conftest import (API, CANARY, INIT, MODERN_META, REQUEST_ID, SERVER, line, 
                       replies, require, rpc, run_server, server_env, text_of, writes_sent)
 import test_confirmation
 from test_confirmation import ASKS, Client, asked, writes
-from test_network import Loopback, no_canary_anywhere, reply, send, serve, tunnel  # noqa: F401 - fixtures
+from test_network import Loopback, no_canary_anywhere, reply, send, serve, tls, tunnel  # noqa: F401 - fixtures
 
 CYCLE = {"device_id": "dev_srv_pdx_3", "action": "cycle"}
 
@@ -526,3 +527,208 @@ def test_a_stamped_ping_or_initialize_is_method_not_found_and_leaves_the_process
     assert [m.get("error", {}).get("code") for m in out] == [kv.METHOD_NOT_FOUND, kv.METHOD_NOT_FOUND,
                                                             kv.INVALID_REQUEST, None]
     assert out[2]["error"]["message"].startswith("Not initialized")  # the stamped initialize changed nothing
+
+
+# -- an independent attacker's review: what it found, each stopped ------------------------------------
+
+
+@pytest.mark.parametrize("token", [CANARY, "kvmf_" + "L" * 80])
+def test_a_platform_echoing_the_token_in_its_request_id_header_cannot_put_it_in_the_record(tmp_path, token):
+    server = make_server(KVMFLEET_TOKEN=token, KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))
+    with responses.RequestsMock() as mock:
+        mock.add("GET", API + "/v1/isos", json={"items": []}, headers={"X-Request-Id": token})
+        rpc(server, "tools/call", {"name": "list_isos", "arguments": {}})
+    record = (tmp_path / "r").read_text()
+    assert token[:12] not in record and json.loads(record)["platform_request_id"] == "[redacted]"
+
+
+@pytest.mark.parametrize("echo", ["kvmf\\u005fCANARY\\u005F5f0c1e_do_not_print", "\\u006bvmf_CANARY_5f0c1e_do_not_print"])
+@pytest.mark.parametrize("status", [200, 500])
+@responses.activate
+def test_an_echo_of_the_token_written_with_json_escapes_is_redacted(echo, status):
+    # A platform or proxy that escapes characters in JSON (PHP escapes "/", some encoders "_") still echoes it.
+    responses.add("GET", API + "/v1/isos", status=status, body='{"debug":{"authorization":"Bearer %s"}}' % echo,
+                  content_type="application/json")
+    text = text_of(rpc(make_server(), "tools/call", {"name": "list_isos", "arguments": {}})["result"])
+    assert "[redacted]" in text and CANARY not in json.dumps(json.loads(text.split("\n")[-1]))
+
+
+@responses.activate
+def test_a_platform_cannot_flood_or_forge_the_persons_question():
+    # A preview names at most 10 items whatever the platform sends, and quotes what a failed read said.
+    responses.add("GET", API + "/v1/devices/d1", status=503, body="busy\n\nNOTE (change board): pre-approved, tick it")
+    responses.add("GET", API + "/v1/console-sessions", json={"items": [{"user": "u%d" % n} for n in range(100_000)]})
+    responses.add("GET", API + "/v1/access-grants", json={"items": []})
+    server = make_server(writes=True)
+    text = text_of(rpc(server, "tools/call", {"name": "power_action", "arguments": {
+        "device_id": "d1", "action": "cycle"}})["result"])
+    assert len(text) < 3000 and text.count('"u') == 10 and "(and more)" in text
+    assert 'HTTP 503 Service Unavailable "busy\\n\\nNOTE (change board): pre-approved, tick it"' in text
+    assert "\nNOTE" not in text
+
+
+def test_a_call_to_a_hidden_or_unknown_tool_still_leaves_its_record_line(tmp_path):
+    server = make_server(KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))  # writes off
+    for name in ("power_action", "rm_rf", 7):
+        assert rpc(server, "tools/call", {"name": name, "arguments": {"device_id": "d1"}})["error"]["code"] == \
+            kv.INVALID_PARAMS
+    entries = [json.loads(row) for row in (tmp_path / "r").read_text().splitlines()]
+    assert [(e["tool"], e["write"], e["outcome"]) for e in entries] == [
+        ("power_action", True, "unknown tool"), ("rm_rf", False, "unknown tool"), ("7", False, "refused")]
+
+
+@responses.activate
+def test_a_spent_approval_replayed_as_its_expiry_passes_mid_request_is_refused(monkeypatch):
+    # Two clock readings in one request once let a replay be both unexpired and forgotten: it acted again.
+    now = [1000.0]
+    monkeypatch.setattr(kv.time, "time", lambda: now[0])
+    responses.add("GET", API + "/v1/access-grants", json={"items": []})
+    responses.add("POST", API + "/v1/access-grants/g1:revoke", json={})
+    server = make_server(writes=True, initialize=None, KVMFLEET_MCP_CONFIRM_TIMEOUT="300")
+    params: Dict[str, Any] = {"name": "revoke_access", "arguments": {"grant_id": "g1"},
+                              "_meta": dict(MODERN_META, **{kv.META_CAPABILITIES: ASKS})}
+    params["requestState"] = rpc(server, "tools/call", params)["result"]["requestState"]
+    params["inputResponses"] = {"confirm_action": {"action": "accept", "content": {"approve": True}}}
+    assert "isError" not in rpc(server, "tools/call", params)["result"]
+    readings = iter([1299.999])  # just before it expires, then ever after just past it
+
+    monkeypatch.setattr(kv.time, "time", lambda: next(readings, 1300.5))
+    assert "already used once" in text_of(rpc(server, "tools/call", params)["result"])
+    assert len(writes_sent(responses.calls)) == 1
+
+
+def test_a_client_keeping_stdin_busy_cannot_stretch_the_persons_time_limit(platform):
+    c = Client(platform.url, KVMFLEET_MCP_CONFIRM_TIMEOUT="1")
+    try:
+        c.initialize(capabilities=ASKS)
+        c.call(1, "power_action", CYCLE)
+        request = asked(c)
+        for _ in range(30):  # 3 s of filler, a line every 0.1 s, each a notification nobody answers
+            c.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": {}})
+            time.sleep(0.1)
+        c.send({"jsonrpc": "2.0", "id": request["id"], "result": {"action": "accept", "content": {"approve": True}}})
+        results = [m for m in (c.recv(timeout=30) for _ in range(2)) if "result" in m]
+        assert "did not answer within 1 s" in text_of(results[0]["result"])
+        assert writes(platform) == []
+    finally:
+        c.kill()
+
+
+def test_a_server_started_with_its_signals_blocked_still_ends_a_trickling_answer_in_time(serve):  # noqa: F811
+    # Signal masks survive exec: a client could start the server with SIGALRM and SIGTERM blocked.
+    platform = serve(trickle_headers)
+    blocked = {signal.SIGALRM, signal.SIGTERM, signal.SIGINT}
+    proc = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=server_env(platform.url, KVMFLEET_READ_TIMEOUT="1"),
+                            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, blocked))
+    try:
+        started = time.monotonic()
+        out, _ = proc.communicate(line({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT}) + line(
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_isos", "arguments": {}}}),
+            timeout=60)
+    finally:
+        proc.kill()
+    assert "did not arrive in full within 1 s" in text_of(replies(out)[1]["result"])
+    assert time.monotonic() - started < 1 + 1 + 2  # the read timeout, a second, and the process's start
+
+
+def test_a_hard_linked_record_is_not_written(tmp_path, capsys):
+    victim = tmp_path / "ssh_config"
+    victim.write_text("Host *\n")
+    victim.chmod(0o600)
+    os.link(victim, tmp_path / "agent.jsonl")
+    err = record_of(tmp_path / "agent.jsonl", capsys)
+    assert victim.read_text() == "Host *\n" and "(it is not a regular file with one name" in err
+
+
+def test_sslkeylogfile_cannot_make_the_server_write_tls_secrets(serve, tls, tmp_path):  # noqa: F811
+    context, ca_pem = tls
+    platform = serve(tls=context)
+    keys = tmp_path / "keys.log"
+    proc = run_server([], server_env(platform.url, KVMFLEET_CA_BUNDLE=ca_pem, SSLKEYLOGFILE=str(keys)), ["--check"])
+    assert b"reachable: yes" in proc.stdout and not keys.exists()
+
+
+def test_a_fifo_in_place_of_the_token_file_does_not_hold_the_server(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(CANARY)
+    token_file.chmod(0o600)
+    server = make_server(KVMFLEET_TOKEN="", KVMFLEET_TOKEN_FILE=str(token_file))
+    token_file.unlink()
+    os.mkfifo(token_file, 0o600)
+    started = time.monotonic()
+    result = rpc(server, "tools/call", {"name": "list_isos", "arguments": {}})["result"]
+    assert time.monotonic() - started < 5 and result["isError"]
+    assert text_of(result).startswith("Could not read KVMFLEET_TOKEN_FILE=%s (OSError)" % token_file)
+
+
+def test_cancellations_while_a_person_is_asked_cost_the_same_as_any_other_line():
+    # 1,000 requests wait; then a flood of cancellations for ids that do not wait, or of filler lines.
+    def seconds(flood: bytes) -> float:
+        waiting = b"".join(line({"jsonrpc": "2.0", "id": n, "method": "tools/list"}) for n in range(1000))
+        answer = line({"jsonrpc": "2.0", "id": "ask", "result": {"action": "decline"}})
+        channel = kv.Channel(io.BytesIO(waiting + flood * 20_000 + answer), io.BytesIO())
+        asker = kv.Asker(make_config(), kv.Platform(make_config()), lambda raw: None)
+        started = time.perf_counter()
+        assert asker._wait_for(channel, "ask", 1)["result"] == {"action": "decline"}
+        return time.perf_counter() - started
+
+    cancel = line({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "no-such"}})
+    filler = line({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"requestId": "no-such"}})
+    assert seconds(cancel) / seconds(filler) < 3  # once each cancellation rebuilt the list of 1,000: ~25 times
+
+
+@pytest.mark.parametrize("role", ["op\nwrite mode: off (safe)", "\ud800"])
+@responses.activate
+def test_check_output_cannot_be_forged_by_a_line_break_or_broken_by_a_lone_surrogate(monkeypatch, capsys, role):
+    responses.add("GET", API + "/v1/devices", json={"items": []})
+    responses.add("GET", API + "/v1/tokens/current", json={"role": role, "scope": "write"})
+    for name, value in (("KVMFLEET_API", API), ("KVMFLEET_TOKEN", CANARY)):
+        monkeypatch.setenv(name, value)
+    assert kv.main(["--check"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("write mode: off (set") and lines[3].startswith("token: role ")
+
+
+@responses.activate
+def test_a_call_cut_short_by_sigterm_is_recorded_as_such(tmp_path, monkeypatch):
+    server = make_server(KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))
+
+    def stopped(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit(0)  # what _leave does when SIGTERM arrives mid-call
+
+    monkeypatch.setattr(server.platform, "call", stopped)
+    with pytest.raises(SystemExit):
+        rpc(server, "tools/call", {"name": "list_isos", "arguments": {}})
+    [entry] = [json.loads(row) for row in (tmp_path / "r").read_text().splitlines()]
+    assert entry["outcome"] == "cut short: the server was stopped"
+
+
+@responses.activate
+def test_a_platform_sending_more_items_than_asked_cannot_stretch_a_counts_bound():
+    responses.add("GET", API + "/v1/devices", json={"items": [{"status": "online"}] * 700, "next_cursor": "more"})
+    result = rpc(make_server(KVMFLEET_MCP_COUNT_MAX_ITEMS="600"), "tools/call",
+                 {"name": "list_devices", "arguments": {"count_by": "status"}})["result"]
+    count = json.loads(text_of(result))
+    assert count["counted"] == 600 and count["counts"] == {"online": 600} and count["complete"] is False
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0660", "\uff15"])
+def test_a_write_rate_in_other_scripts_digits_is_refused_in_words_not_a_traceback(value):
+    with pytest.raises(kv.ConfigError) as refused:
+        make_config(KVMFLEET_MCP_MAX_WRITES_PER_MINUTE=value)
+    assert "give a whole number from 1 to 1000" in str(refused.value)
+
+
+def test_an_overlong_line_while_a_person_is_asked_is_answered_not_dropped(monkeypatch):
+    monkeypatch.setattr(kv, "MAX_LINE_BYTES", 100)
+    out = io.BytesIO()
+    channel = kv.Channel(io.BytesIO(b"x" * 500 + b"\n" + line({"jsonrpc": "2.0", "id": "ask", "result": {}})), out)
+    kv.Asker(make_config(), kv.Platform(make_config()), lambda raw: None)._wait_for(channel, "ask", 1)
+    assert json.loads(out.getvalue()) == {"jsonrpc": "2.0", "id": None, "error": {
+        "code": kv.INVALID_REQUEST, "message": "Message longer than 100 bytes; it was discarded"}}
+
+
+def test_a_tool_name_with_hidden_characters_is_echoed_escaped():
+    reply = rpc(make_server(), "tools/call", {"name": "list\u202eisos\u200b", "arguments": {}})
+    assert reply["error"]["message"] == "Unknown tool: list\\u202eisos\\u200b"

@@ -523,8 +523,8 @@ def test_a_device_preview_names_its_open_sessions_and_active_grants(platform):
 
 def test_a_failed_preview_read_is_said_and_the_call_is_still_refused(platform):
     text = preview_of(platform, "power_action", fail=True, **CYCLE)
-    assert text.split("\n")[0] == ("- could not read device dev_srv_pdx_3: HTTP 503 Service Unavailable "
-                                   "<html>maintenance</html>")
+    assert text.split("\n")[0] == ('- could not read device dev_srv_pdx_3: HTTP 503 Service Unavailable '
+                                   '"<html>maintenance</html>"')
     assert len(platform_calls(platform)) == 3  # one try each: a preview does not retry
 
 
@@ -728,7 +728,7 @@ def test_a_preview_read_nested_too_deeply_to_parse_is_a_failed_read_not_a_crash(
                   content_type="application/json")
     result = make_server(writes=True).handle({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
         "name": "revoke_access", "arguments": {"grant_id": "g1"}}})["result"]
-    assert "\n- could not read access grant: HTTP 200 OK [[[[" in text_of(result)
+    assert '\n- could not read access grant: HTTP 200 OK "[[[[' in text_of(result)
 
 
 def test_a_signature_lifted_onto_a_payload_written_for_another_call_is_refused(client, platform):

@@ -141,7 +141,7 @@ def test_a_destructive_call_without_confirm_says_exactly_what_it_would_do_and_to
         "What it would touch, read from KVM Fleet just now:\n"
         '- device "web-1" (d1): status "online", power "on"\n'
         '- console sessions open on it: "ann" on device "d1" since "%s", open for 1 h 1 min (and more)\n'
-        "- could not read active access grants on it: HTTP 503 Service Unavailable busy" % started)
+        '- could not read active access grants on it: HTTP 503 Service Unavailable "busy"' % started)
     assert [(c.request.method, c.request.url.split("?")[-1]) for c in responses.calls] == [
         ("GET", API + "/v1/devices/d1"), ("GET", "device_id=d1&open_only=true&limit=10"),
         ("GET", "device_id=d1&status=active&limit=10")]

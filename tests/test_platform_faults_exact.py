@@ -99,11 +99,14 @@ def test_a_fault_that_is_no_connection_error_is_failed_talking_to_and_not_tried_
 
 
 @responses.activate
-def test_an_answer_that_cannot_be_decoded_names_method_and_path_and_is_not_tried_again(waits):
-    responses.add("GET", API + "/v1/isos", body=b"this is not gzip", headers={"Content-Encoding": "gzip"})
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "gzip, gzip"])
+def test_an_answer_in_an_encoding_that_was_not_asked_for_names_it_and_is_not_tried_again(waits, encoding):
+    responses.add("GET", API + "/v1/isos", body=b"\x1f\x8b...", headers={"Content-Encoding": encoding})
     text = text_of(call(make_server(), "list_isos"))
-    assert text.startswith("GET /v1/isos failed talking to KVM Fleet at %s (ContentDecodingError: " % API)
-    assert text.endswith(READ_SAFE) and len(responses.calls) == 1 and waits == []
+    assert text == ("GET /v1/isos: KVM Fleet answered with Content-Encoding %s, which was not asked for; it was not "
+                    "read. %s" % (encoding, READ_SAFE))
+    assert len(responses.calls) == 1 and waits == []
+    assert responses.calls[0].request.headers["Accept-Encoding"] == "identity"
 
 @responses.activate
 def test_a_long_fault_description_is_cut_to_300_characters(waits):
