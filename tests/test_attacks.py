@@ -597,21 +597,16 @@ def test_a_spent_approval_replayed_as_its_expiry_passes_mid_request_is_refused(m
     assert len(writes_sent(responses.calls)) == 1
 
 
-def test_a_client_keeping_stdin_busy_cannot_stretch_the_persons_time_limit(platform):
-    c = Client(platform.url, KVMFLEET_MCP_CONFIRM_TIMEOUT="1")
-    try:
-        c.initialize(capabilities=ASKS)
-        c.call(1, "power_action", CYCLE)
-        request = asked(c)
-        for _ in range(30):  # 3 s of filler, a line every 0.1 s, each a notification nobody answers
-            c.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": {}})
-            time.sleep(0.1)
-        c.send({"jsonrpc": "2.0", "id": request["id"], "result": {"action": "accept", "content": {"approve": True}}})
-        results = [m for m in (c.recv(timeout=30) for _ in range(2)) if "result" in m]
-        assert "did not answer within 1 s" in text_of(results[0]["result"])
-        assert writes(platform) == []
-    finally:
-        c.kill()
+def test_a_client_keeping_stdin_busy_cannot_stretch_the_persons_time_limit(monkeypatch):
+    # Lines already waiting were once served before the time limit was looked at: a client that never lets
+    # stdin run dry kept the question open, and its late "yes" went through.
+    readings = iter(range(10**6))
+    monkeypatch.setattr(kv.time, "monotonic", lambda: next(readings) / 100)  # 10 ms a reading
+    filler = line({"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}) * 1000
+    late_yes = line({"jsonrpc": "2.0", "id": "ask", "result": {"action": "accept", "content": {"approve": True}}})
+    channel = kv.Channel(io.BytesIO(filler + late_yes), io.BytesIO())
+    config = make_config(KVMFLEET_MCP_CONFIRM_TIMEOUT="1")
+    assert kv.Asker(config, kv.Platform(config), lambda raw: None)._wait_for(channel, "ask", 1) is None
 
 
 def test_a_server_started_with_its_signals_blocked_still_ends_a_trickling_answer_in_time(serve):  # noqa: F811
@@ -656,9 +651,16 @@ def test_a_fifo_in_place_of_the_token_file_does_not_hold_the_server(tmp_path):
     server = make_server(KVMFLEET_TOKEN="", KVMFLEET_TOKEN_FILE=str(token_file))
     token_file.unlink()
     os.mkfifo(token_file, 0o600)
-    started = time.monotonic()
-    result = rpc(server, "tools/call", {"name": "list_isos", "arguments": {}})["result"]
-    assert time.monotonic() - started < 5 and result["isError"]
+    answered: List[Any] = []
+    caller = threading.Thread(target=lambda: answered.append(rpc(server, "tools/call", {
+        "name": "list_isos", "arguments": {}})["result"]), daemon=True)
+    caller.start()
+    caller.join(5)
+    if caller.is_alive():  # held on the FIFO: let it go, then fail
+        os.close(os.open(token_file, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the server waited on a FIFO in place of its token file")
+    [result] = answered
+    assert result["isError"]
     assert text_of(result).startswith("Could not read KVMFLEET_TOKEN_FILE=%s (OSError)" % token_file)
 
 
