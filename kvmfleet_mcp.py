@@ -2023,7 +2023,8 @@ class Server:
                 "messages": [{"role": "user", "content": {"type": "text", "text": prompt_text(prompt, given)}}]}
 
     def _tools_call(self, params: JSON, modern: Optional[str]) -> JSON:
-        name, args = params.get("name"), params.get("arguments") or {}
+        name, args = params.get("name"), params.get("arguments")
+        args = {} if args is None else args
         client = self.client_info if modern is None else params["_meta"].get(META_CLIENT)
         call = Call(params, modern, self.legacy_version,
                     self.client_capabilities if modern is None else params["_meta"].get(META_CAPABILITIES),
