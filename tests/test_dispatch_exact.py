@@ -486,3 +486,10 @@ def test_when_the_client_goes_away_main_exits_0_with_stdout_pointed_at_devnull(s
     assert status == 0
     # Python's exit-time flush of stdout now writes to /dev/null, not to the closed pipe.
     assert os.path.samestat(os.fstat(out.fileno()), os.stat(os.devnull))
+
+
+@pytest.mark.parametrize("arguments", [[], "", 0, False, [["device_id", "d1"]]])
+def test_arguments_that_are_not_an_object_even_empty_ones_are_refused(arguments):
+    reply = rpc(make_server(), "tools/call", {"name": "list_isos", "arguments": arguments})
+    assert reply["error"] == {"code": kv.INVALID_PARAMS,
+                              "message": "tools/call needs a string name and an object of arguments"}
