@@ -722,7 +722,7 @@ def same_id(one: Any, other: Any) -> bool:
 
 
 _SECRETS: List[str] = []  # every token seen, as written and escaped: never in a log line or a result
-_ESCAPED_SECRETS: List[Any] = []  # each token as JSON may write it, any character as \\uXXXX (or / as \\/)
+_ESCAPED_SECRETS: List[str] = []  # regexes: each token as JSON may write it, any character as \\uXXXX (/ as \\/)
 
 
 def _keep_secret(secret: str) -> None:
@@ -732,8 +732,8 @@ def _keep_secret(secret: str) -> None:
         return
     # Security: also as a traceback (repr) or a JSON body would escape it.
     _SECRETS.extend(form for form in (secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]) if form not in _SECRETS)
-    _ESCAPED_SECRETS.append(re.compile("".join("(?:%s|\\\\u(?i:%04x)%s)" % (
-        re.escape(char), ord(char), "|\\\\/" if char == "/" else "") for char in secret)))
+    _ESCAPED_SECRETS.append("".join("(?:%s|\\\\u(?i:%04x)%s)" % (  # compiled (and cached by re) when first needed
+        re.escape(char), ord(char), "|\\\\/" if char == "/" else "") for char in secret))
 
 
 def redact(text: str) -> str:
@@ -743,7 +743,7 @@ def redact(text: str) -> str:
     for secret in _SECRETS:
         text = text.replace(secret, "[redacted]")
     for pattern in _ESCAPED_SECRETS if "\\" in text else ():  # only text with an escape in it can hide one
-        text = pattern.sub("[redacted]", text)
+        text = re.sub(pattern, "[redacted]", text)
     return text
 
 

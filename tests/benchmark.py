@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
 """Benchmark kvmfleet_mcp.py against the demo platform on loopback (not collected by pytest).
 
-    python tests/benchmark.py [--python PY] [--rounds 3] [--compare ../shared/bench/lean_server.py [--floor]]
+    PY=$(python3 -c 'import sys; print(sys.executable)')   # the real interpreter, not a pyenv shim
+    $PY tests/benchmark.py [--rounds 3] [--compare ../shared/bench/lean_server.py]
 
-For each server (interleaved, --rounds times, a fresh demo platform each round):
-cold start to the initialize answer and to the first tool result (median of
---spawns fresh processes), tools/list bytes and round trip, --calls sequential
-tools/call of list_devices and get_device_health (calls/s, p50, p99), peak
-RSS (VmHWM), and result bytes against the platform's body bytes; plus the
-"limit": the same GETs made directly with one requests.Session in a child
-process. Prints a table, the budgets of the performance issue as ratios to
---compare, and one JSON line. Use the real interpreter (not a pyenv shim,
-not a venv with an editable install, whose start-up hook costs ~15 ms):
---python defaults to the one running this script. --floor adds a third
-server, --compare with this file's code appended but never called: the
-start-up and memory that the size of this file alone costs a script.
+Method. For each server, interleaved (server A, server B, A, B, ...) --rounds
+times, each round against a fresh demo platform on loopback with keep-alive:
+cold start to the initialize answer and to the first tool result (the median
+of --spawns fresh processes), tools/list bytes and round trip, --calls
+sequential tools/call of list_devices and get_device_health (calls/s, p50,
+p99), peak RSS (VmHWM), and result bytes against the platform's body bytes;
+plus the "limit": the same GETs made directly with one requests.Session in a
+child process. The servers get a client's tiny environment. Figures are the
+medians of the rounds. The machine is shared and noisy, so compare ratios
+measured in one run, never absolute times from two; and use the real
+interpreter (a pyenv shim adds ~100 ms to every start, and a venv with an
+editable install ~15 ms). It prints a table, the budgets of the
+simplification issue as ratios to --compare, and one JSON line.
+../shared/bench/mcp_bench.py measures the same against its own fake API and
+is the cross-check the README's figures come from.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -166,15 +169,15 @@ def table(label: str, r: Dict[str, Any]) -> None:
 
 
 def budgets(ours: Dict[str, Any], lean: Dict[str, Any]) -> Dict[str, Any]:
-    """The performance issue's budgets, as ratios measured in this run."""
+    """The simplification issue's budgets, as ratios measured in this run."""
     checks = {
-        "cold_init <= 0.5x": ours["cold_init_ms"] / lean["cold_init_ms"],
-        "first_result <= 1.1x": ours["first_result_ms"] / lean["first_result_ms"],
-        "peak_rss <= 1.1x": ours["peak_rss_mib"] / lean["peak_rss_mib"],
+        "cold_init <= 0.6x": ours["cold_init_ms"] / lean["cold_init_ms"],
+        "first_result <= 1.6x": ours["first_result_ms"] / lean["first_result_ms"],
+        "peak_rss <= 1.35x": ours["peak_rss_mib"] / lean["peak_rss_mib"],
     }
     for name in ("list_devices", "get_device_health"):
-        checks["%s calls/s >= 1.0x" % name] = ours[name]["calls_per_s"] / lean[name]["calls_per_s"]
-        checks["%s p99 <= 1.0x" % name] = ours[name]["p99_ms"] / lean[name]["p99_ms"]
+        checks["%s calls/s >= 0.9x" % name] = ours[name]["calls_per_s"] / lean[name]["calls_per_s"]
+        checks["%s p99 <= 1.3x" % name] = ours[name]["p99_ms"] / lean[name]["p99_ms"]
     out = {}
     for name, ratio in checks.items():
         bound = float(name.split()[-1].rstrip("x"))
@@ -184,26 +187,6 @@ def budgets(ours: Dict[str, Any], lean: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def floor_server(compare: str, directory: str) -> str:
-    """The compare server with this file's code appended as a function that is never called.
-
-    Run as a script, it compiles as much code as kvmfleet_mcp.py (and holds
-    its syntax tree) and does nothing else that compare does not: what any
-    server of this size pays before its first line runs.
-    """
-    ours = (ROOT / "kvmfleet_mcp.py").read_text(encoding="utf-8")
-    future = "from __future__ import annotations\n"
-    body = ours[ours.index(future) + len(future):ours.index('\nif __name__ == "__main__":')]
-    text = Path(compare).read_text(encoding="utf-8")
-    if future not in text:
-        text = future + text
-    text += "\n\ndef _never_called() -> None:\n" + "".join(
-        "    " + line if line.strip() else "\n" for line in body.splitlines(keepends=True))
-    path = Path(directory) / "floor_server.py"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the servers")
@@ -211,17 +194,10 @@ def main() -> int:
     parser.add_argument("--spawns", type=int, default=15)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--compare", help="another stdio server script to measure in the same run, interleaved")
-    parser.add_argument("--floor", action="store_true",
-                        help="also measure --compare with this file's code added, never called (see floor_server)")
     options = parser.parse_args()
-    if options.floor and not options.compare:
-        parser.error("--floor needs --compare")
-    scratch = tempfile.TemporaryDirectory()
     servers = {"kvmfleet_mcp": [options.python, str(ROOT / "kvmfleet_mcp.py")]}
     if options.compare:
         servers["compare"] = [options.python, options.compare]
-    if options.floor:
-        servers["floor"] = [options.python, floor_server(options.compare, scratch.name)]
     rounds: Dict[str, List[Dict[str, Any]]] = {name: [] for name in servers}
     for _ in range(options.rounds):
         for name, command in servers.items():
@@ -236,12 +212,6 @@ def main() -> int:
     if options.compare:
         print("budgets against %s:" % options.compare)
         summary["budgets"] = budgets(ours, results["compare"])
-    if options.floor:
-        floor, lean = results["floor"], results["compare"]
-        summary["floor"] = {key: round(floor[key] / lean[key], 3) for key in ("first_result_ms", "peak_rss_mib")}
-        print("the floor, %s with this file's code added and never called: first tool result %.3fx, "
-              "peak RSS %.3fx" % (options.compare, summary["floor"]["first_result_ms"], summary["floor"]["peak_rss_mib"]))
-    scratch.cleanup()
     print(json.dumps(summary, sort_keys=True))
     return 0
 
