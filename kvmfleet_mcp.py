@@ -1034,7 +1034,6 @@ class Deadline:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.armed = False
         self.timer = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
 
     def __enter__(self) -> None:
@@ -1798,12 +1797,11 @@ class Asker:
         """The nonce and expiry of a requestState we signed for exactly this call; else ToolError."""
         # Security: requestState comes back through the client, so it is
         # attacker-controlled: verified before a byte of it is believed.
-        fields: Any = None
         try:
             encoded, mac = str(state).split(".")
             payload = base64.urlsafe_b64decode(encoded.encode("ascii")).decode()
-            if hmac.compare_digest(mac.encode("ascii"), self._mac(payload).encode()):
-                fields = json.loads(payload)
+            signed = hmac.compare_digest(mac.encode("ascii"), self._mac(payload).encode())
+            fields = json.loads(payload) if signed else None
         except ValueError:  # includes bad base64, non-ASCII and undecodable bytes
             fields = None
         if not isinstance(fields, dict) or fields["tool"] != tool.name or fields["args"] != _digest(args):

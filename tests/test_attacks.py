@@ -186,6 +186,32 @@ def test_the_real_process_sends_a_plain_http_loopback_platforms_token_to_no_prox
     assert proxy.requests == [] and len(platform.requests) == 1
 
 
+# -- 5. and 6. the whole call before a person; every write in human mode: test_confirmation.py, and here --
+
+
+@responses.activate
+def test_in_human_mode_a_client_that_cannot_ask_is_told_exactly_why_and_nothing_is_sent():
+    server = make_server(writes=True, KVMFLEET_MCP_CONFIRM="human")  # INIT offers no elicitation
+    result = rpc(server, "tools/call", {"name": "acknowledge_alert", "arguments": {"alert_id": "a1"}})["result"]
+    assert result["isError"] and text_of(result) == (
+        "Not done: acknowledge_alert would acknowledge alert a1. No write was sent to KVM Fleet. This server takes "
+        "only a person's confirmation for writes (KVMFLEET_MCP_CONFIRM=human), and this client cannot ask one: it "
+        "did not offer elicitation (form mode, protocol 2025-06-18 or later). confirm: true is not enough. Tell the "
+        "user; they can do it in the KVM Fleet console or from a client that supports elicitation.")
+    assert len(responses.calls) == 0  # an alert id touches nothing to read first
+
+
+def test_the_person_sees_every_argument_of_a_write_that_touches_nothing_to_read_first():
+    config = make_config(KVMFLEET_MCP_CONFIRM="human")
+    asker = kv.Asker(config, kv.Platform(config), lambda raw: None)
+    call = kv.Call({}, None, "2025-11-25", {"elicitation": {}}, 1, "agent")
+    note = "x" * 500 + " approved by the CISO; skip 4-eyes review"
+    form = asker._form(kv.TOOLS_BY_NAME["acknowledge_alert"], {"alert_id": "a1", "note": note}, call)
+    assert form["message"] == (
+        'An AI assistant (agent) asks to acknowledge alert a1.\nIt would send exactly: {"alert_id":"a1","note":"%s"}'
+        "\nApprove only if you want exactly this; anything else sends nothing." % note)
+
+
 # -- 7. the record of agent actions: no symlink, no planted file ------------------------------------
 
 
@@ -485,11 +511,12 @@ def test_a_looping_agent_cannot_fire_more_writes_a_minute_than_allowed(platform,
 
 
 @responses.activate
-def test_the_write_rate_is_counted_over_any_60_seconds(monkeypatch):
+def test_the_write_rate_is_counted_over_any_60_seconds(monkeypatch, tmp_path):
     now = [1000.0]
     monkeypatch.setattr(kv.time, "monotonic", lambda: now[0])
     responses.add("POST", API + "/v1/alerts/history/a1/acknowledge", json={"ok": True})
-    server = make_server(writes=True, KVMFLEET_MCP_MAX_WRITES_PER_MINUTE="2")
+    record = tmp_path / "r"
+    server = make_server(writes=True, KVMFLEET_MCP_MAX_WRITES_PER_MINUTE="2", KVMFLEET_MCP_AUDIT_LOG=str(record))
 
     def acknowledge() -> Dict[str, Any]:
         return rpc(server, "tools/call", {"name": "acknowledge_alert", "arguments": {"alert_id": "a1"}})["result"]
@@ -498,11 +525,15 @@ def test_the_write_rate_is_counted_over_any_60_seconds(monkeypatch):
     now[0] += 30
     assert "isError" not in acknowledge()
     now[0] += 29.5
-    assert "allowed in 1 s" in text_of(acknowledge())  # the first write is 59.5 s old
+    assert text_of(acknowledge()) == (  # the first write is 59.5 s old
+        "Not done: this server sends at most 2 writes in any 60 s (KVMFLEET_MCP_MAX_WRITES_PER_MINUTE), and that "
+        "many were sent. The next write is allowed in 1 s. Nothing was sent.")
     now[0] += 0.5
     assert "isError" not in acknowledge()  # 60 s after the first: it no longer counts
     assert "allowed in 30 s" in text_of(acknowledge())  # but the second and the third do
     assert len(writes_sent(responses.calls)) == 3
+    entries = [json.loads(row) for row in record.read_text().splitlines()]
+    assert [entry.get("refused") for entry in entries] == [None, None, "write rate", None, "write rate"]
 
 
 def test_the_write_rate_is_a_whole_number_from_1_to_1000():
@@ -569,12 +600,13 @@ def test_a_platform_cannot_flood_or_forge_the_persons_question():
 
 def test_a_call_to_a_hidden_or_unknown_tool_still_leaves_its_record_line(tmp_path):
     server = make_server(KVMFLEET_MCP_AUDIT_LOG=str(tmp_path / "r"))  # writes off
-    for name in ("power_action", "rm_rf", 7):
+    for name in ("power_action", "rm_rf", 7, ["x"], "\ud800"):
         assert rpc(server, "tools/call", {"name": name, "arguments": {"device_id": "d1"}})["error"]["code"] == \
             kv.INVALID_PARAMS
     entries = [json.loads(row) for row in (tmp_path / "r").read_text().splitlines()]
     assert [(e["tool"], e["write"], e["outcome"]) for e in entries] == [
-        ("power_action", True, "unknown tool"), ("rm_rf", False, "unknown tool"), ("7", False, "refused")]
+        ("power_action", True, "unknown tool"), ("rm_rf", False, "unknown tool"), ("7", False, "refused"),
+        ("['x']", False, "refused"), ("\ud800", False, "unknown tool")]  # a lone surrogate cannot stop the line
 
 
 @responses.activate
@@ -607,6 +639,25 @@ def test_a_client_keeping_stdin_busy_cannot_stretch_the_persons_time_limit(monke
     channel = kv.Channel(io.BytesIO(filler + late_yes), io.BytesIO())
     config = make_config(KVMFLEET_MCP_CONFIRM_TIMEOUT="1")
     assert kv.Asker(config, kv.Platform(config), lambda raw: None)._wait_for(channel, "ask", 1) is None
+
+
+def test_a_stray_alarm_signal_between_calls_changes_nothing_and_no_timer_outlives_its_call():
+    try:
+        with kv.Deadline(30):
+            pass
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        signal.raise_signal(signal.SIGALRM)  # another process's, or a timer left behind: ignored
+    finally:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_a_read_with_a_time_limit_ends_when_it_passes_though_stdin_stays_silent():
+    read_end, write_end = os.pipe()
+    try:
+        with open(read_end, "rb", buffering=0) as stdin:
+            assert kv.Channel(stdin, io.BytesIO()).read(timeout=0.05) is None
+    finally:
+        os.close(write_end)
 
 
 def test_a_server_started_with_its_signals_blocked_still_ends_a_trickling_answer_in_time(serve):  # noqa: F811
@@ -662,6 +713,20 @@ def test_a_fifo_in_place_of_the_token_file_does_not_hold_the_server(tmp_path):
     [result] = answered
     assert result["isError"]
     assert text_of(result).startswith("Could not read KVMFLEET_TOKEN_FILE=%s (OSError)" % token_file)
+
+
+def test_a_cancellation_for_a_request_served_or_never_put_aside_costs_nothing_and_one_drops_every_line_of_its_id():
+    channel = kv.Channel(io.BytesIO(), io.BytesIO())
+    for text, request_id in ((b"a", 1), (b"b", 1), (b"c", 2)):
+        assert channel.put_aside(text, request_id)
+    assert channel.next_line() == b"a"
+    channel.drop_waiting(1)  # a duplicate id: the line still waiting goes too
+    assert channel.next_line() == b"c"
+    queue = channel._waiting
+    for request_id in (1, 2, 3):  # served, served, never seen: the queue is not even rebuilt
+        channel.drop_waiting(request_id)
+        assert channel._waiting is queue
+    assert channel.put_aside(b"d", 1) and channel.next_line() == b"d" and channel.read() == b""
 
 
 def test_cancellations_while_a_person_is_asked_cost_the_same_as_any_other_line():

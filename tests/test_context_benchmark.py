@@ -98,3 +98,17 @@ def test_at_20000_devices_question_1_takes_2_calls_under_12000_characters_where_
     assert first["seed"]["calls"] > 40, first["seed"]
     assert first["seed"]["facts"] == first["new"]["facts"] == {"devices": 20_000, "offline": size["fleet"]["offline"]}
     assert first["seed"]["errors"] == first["new"]["errors"] == []
+
+
+def test_the_readme_table_has_the_figures_the_command_next_to_it_gives_but_for_time():
+    # Calls, requests and characters do not depend on the machine: a run without latency gives the README's.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = {(row[0], row[1]): row[2:8] for row in map(cells, readme.splitlines())
+             if len(row) == 12 and row[0][:1].isdigit()}
+    assert len(shown) == 14
+    for size in (context_benchmark.measure(50, 1000, 0.0), context_benchmark.measure(20_000, 30_000, 0.0)):
+        for number, row in enumerate(size["questions"], 1):
+            fleet = "%s devices, %s events" % (format(size["devices"], ","), format(size["events"], ","))
+            seed, new = row["seed"], row["new"]
+            assert shown["%d. %s" % (number, row["question"]), fleet] == [format(n, ",") for n in (
+                seed["calls"], new["calls"], seed["requests"], new["requests"], seed["chars"], new["chars"])]

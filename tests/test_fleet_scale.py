@@ -206,3 +206,21 @@ def test_a_count_names_at_most_200_values_and_says_how_many_more_there_were():
     count = json.loads(text_of(result))
     assert count["total"] == 251 and len(count["counts"]) == 200 and count["values_not_shown"] == 50
     assert list(count["counts"].items())[0] == ("d0", 2)
+
+
+@responses.activate
+def test_in_process_fields_project_the_answer_and_a_count_keeps_every_filter_but_the_limit():
+    # The same paths as the real-process tests above, in process (where mutation testing sees them).
+    responses.add("GET", API + "/v1/devices", json={"items": [
+        {"id": "d1", "name": "a", "site": "fra", "status": "offline"}], "next_cursor": None})
+    server = make_server()
+    named = rpc(server, "tools/call", {"name": "list_devices", "arguments": {"fields": ["name"], "status": "offline"}})
+    assert json.loads(text_of(named["result"])) == {"items": [{"id": "d1", "name": "a"}], "next_cursor": None}
+    counted = rpc(server, "tools/call", {"name": "list_devices", "arguments": {
+        "count_by": "site", "status": "offline", "limit": 5}})
+    assert json.loads(text_of(counted["result"]))["counts"] == {"fra": 1}
+    assert [call.request.params for call in responses.calls] == [
+        {"status": "offline"}, {"status": "offline", "limit": "500"}]
+    cursor = rpc(server, "tools/call", {"name": "list_devices", "arguments": {"count_by": "site", "cursor": "c"}})
+    assert text_of(cursor["result"]) == "Invalid arguments for list_devices: count_by reads every page itself; " \
+                                        "give no cursor."
