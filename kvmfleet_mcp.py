@@ -826,16 +826,12 @@ class Config(NamedTuple):
         if confirm not in ("", "model", "human"):
             raise ConfigError("KVMFLEET_MCP_CONFIRM=%s: give human (a person must confirm every write) "
                               "or model (confirm: true is enough; the default)." % confirm[:40])
-        writes = env.get("KVMFLEET_MCP_ALLOW_WRITES", "")
-        if writes not in ("", "true"):
-            log('warning: KVMFLEET_MCP_ALLOW_WRITES=%s is not exactly "true": the 10 write tools stay hidden. '
-                "Set it to true, in lower case, to offer them; remove it for read-only use." % json.dumps(writes[:40]))
         ca_bundle = env.get("KVMFLEET_CA_BUNDLE") or None
         if ca_bundle is not None and not os.path.isfile(ca_bundle):
             raise ConfigError("KVMFLEET_CA_BUNDLE=%s is not a readable file." % ca_bundle)
         config = cls(
             api=api, token=token, token_file=token_file,
-            allow_writes=writes == "true",
+            allow_writes=_allow_writes(env.get("KVMFLEET_MCP_ALLOW_WRITES", "")),
             ca_bundle=ca_bundle,
             connect_timeout=_number(env, "KVMFLEET_CONNECT_TIMEOUT", 5.0, 600),
             read_timeout=_number(env, "KVMFLEET_READ_TIMEOUT", 30.0, 600),
@@ -914,6 +910,14 @@ def _check_token(token: str, where: str, error: Callable[[str], McpError]) -> No
         raise error("%s holds a space, a line break or a character no token has (tokens are one "
                     "line, kvmf_ and letters or digits). Give the token alone: no 'Bearer ', no "
                     "comment, no second line." % where)
+
+
+def _allow_writes(value: str) -> bool:
+    """Exactly "true" offers the write tools; any other value but none is warned about."""
+    if value not in ("", "true"):
+        log('warning: KVMFLEET_MCP_ALLOW_WRITES=%s is not exactly "true": the 10 write tools stay hidden. '
+            "Set it to true, in lower case, to offer them; remove it for read-only use." % json.dumps(value[:40]))
+    return value == "true"
 
 
 def _warn_if_shared(name: str, path: str) -> None:
@@ -1560,6 +1564,13 @@ def _age(stamp: Any) -> str:
     return ", open for %d h %d min" % (seconds // 3600, seconds % 3600 // 60) if seconds >= 0 else ""
 
 
+def record_line(client: Any, entry: JSON, outcome: str, started: float) -> JSON:
+    """One line of the record: when, which client, what the call targeted and how it ended."""
+    name, version = (client.get("name"), client.get("version")) if isinstance(client, dict) else ("", "")
+    return dict({"time": _utc(time.time()), "client": {"name": _header_safe(name), "version": _header_safe(version)}},
+                **entry, outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1))
+
+
 def write_record(path: str, entry: JSON) -> None:
     """Append one line to the record of agent actions; a failure is logged and the call goes on."""
     line = redact(compact(entry)).encode("utf-8", "backslashreplace")  # Security: whatever the platform echoed
@@ -2057,10 +2068,7 @@ class Server:
         finally:
             # Security: every call leaves its line in the record, however it ends.
             if self.config.audit_log:
-                write_record(self.config.audit_log, dict({"time": _utc(time.time()), "client": {
-                    "name": _header_safe(client.get("name")) if isinstance(client, dict) else "",
-                    "version": _header_safe(client.get("version")) if isinstance(client, dict) else ""}},
-                    **entry, outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1)))
+                write_record(self.config.audit_log, record_line(client, entry, outcome, started))
 
 
 ###############################################################################

@@ -1,6 +1,7 @@
-"""Static gates: ruff (security rules, no print), mypy --strict, and nothing newer than Python 3.9."""
+"""Static gates: ruff (security rules, no print), mypy --strict, nothing newer than Python 3.9, the file's shape."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -49,3 +50,20 @@ def test_vermin_would_catch_syntax_or_stdlib_newer_than_3_9(tmp_path, newer):
     bad.write_text(newer)
     proc = run_module("vermin", "--target=3.9-", "--violations", "--no-tips", "--eval-annotations", str(bad))
     assert proc.returncode != 0
+
+
+def test_the_file_reads_top_down_in_short_units_with_imports_at_the_top():
+    source = (ROOT / "kvmfleet_mcp.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    long = ["%s: %d lines" % (node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 40
+            or isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno >= 250]
+    assert long == [], "no function over 40 lines, no class over 250"
+    late = sorted({alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                   and node not in tree.body for alias in node.names})
+    assert late == ["jsonschema", "requests"], "only requests and jsonschema are imported on first use"
+    banners = re.findall(r"^# (.+?) #{4,}$", source, re.M)
+    assert banners == ["Constants", "Errors", "The tool table", "Pure helpers", "Configuration",
+                       "The platform client: the only code that touches the network", "Tool calls",
+                       "Asking a person", "JSON-RPC dispatch", "The stdio loop: the only code that touches stdout",
+                       "Command line"]
