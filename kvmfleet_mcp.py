@@ -311,9 +311,10 @@ PAGE: Final = {
                                 "answers counts, not a page."},
 }
 
-# The whole contract with the platform is in this tuple: the endpoints and
+# The tools' contract with the platform is in this tuple: the endpoints and
 # argument names follow the vendor's table; where it is silent (pagination,
-# filters, bodies) the assumption is written here and nowhere else.
+# filters, bodies) the assumption is written here. (Impact previews,
+# token_scope and --check name a few more paths, each where it is used.)
 TOOLS: Final = (
     Tool("list_devices", "List devices",
          "List the fleet's IP-KVM/BMC devices with status and power state. Reads only.",
@@ -2363,7 +2364,7 @@ def _cli_mode(argv: List[str]) -> str:
     modes.add_argument("--list-tools", action="store_const", dest="mode", const="list-tools",
                        help="print the tools this environment offers")
     modes.add_argument("--check", action="store_const", dest="mode", const="check",
-                       help="make one authenticated read and report")
+                       help="make two reads (a device, the token's scope) and report")
     return str(parser.parse_args(argv).mode or "")
 
 

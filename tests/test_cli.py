@@ -564,7 +564,7 @@ def test_help_exits_0_and_describes_the_three_modes(monkeypatch, capsys):
     assert "kvmfleet-mcp: a Model Context Protocol server for a KVM Fleet estate." in lines
     for row in ("  --version     print the version and this file's sha256",
                 "  --list-tools  print the tools this environment offers",
-                "  --check       make one authenticated read and report"):
+                "  --check       make two reads (a device, the token's scope) and report"):
         assert row in lines
     assert err == ""
 
