@@ -620,3 +620,15 @@ def test_a_blank_line_before_a_line_at_the_cap_is_skipped_and_the_line_served(mo
     at_cap = ping + b" " * (100 - len(ping)) + b"\n"
     assert served(ChunkedStdin(b"\n" + at_cap)) == [{"jsonrpc": "2.0", "id": 1, "result": {}}]
     assert served(ChunkedStdin(ping + b"\n\n" + at_cap)) == [{"jsonrpc": "2.0", "id": 1, "result": {}}] * 2
+
+
+@responses.activate
+def test_human_mode_shows_the_person_the_pending_grant_an_approval_would_let_through():
+    # approve_access and deny_access act on a pending grant: the preview reads pending grants, not active ones.
+    responses.add("GET", API + "/v1/access-grants", json={"items": [{"id": "g1", "requester": "ann"}]}, match=[
+        matchers.query_param_matcher({"status": "pending", "limit": "500"}, strict_match=True)])
+    server = make_server(writes=True, KVMFLEET_MCP_CONFIRM="human")
+    assert text_of(tools_call(server, "approve_access", {"grant_id": "g1"})).endswith(
+        "\nWhat it would touch, read from KVM Fleet just now:\n"
+        '- access grant g1: "ann"\'s access to device unknown until unknown ("g1")')
+    assert writes_sent(responses.calls) == []

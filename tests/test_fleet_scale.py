@@ -224,3 +224,72 @@ def test_in_process_fields_project_the_answer_and_a_count_keeps_every_filter_but
     cursor = rpc(server, "tools/call", {"name": "list_devices", "arguments": {"count_by": "site", "cursor": "c"}})
     assert text_of(cursor["result"]) == "Invalid arguments for list_devices: count_by reads every page itself; " \
                                         "give no cursor."
+
+
+@responses.activate
+@pytest.mark.parametrize("status,body", [(200, {"data": [{"status": "online"}]}), (403, {"items": [{"status": "x"}]}),
+                                         (300, {"items": [{"status": "x"}]})])
+def test_a_later_page_without_items_or_an_error_page_with_items_stops_the_count_and_is_never_counted(status, body):
+    # A proxy's or a confused platform's answer is not a page: the count stops, says where, and counts nothing of it.
+    responses.add("GET", API + "/v1/devices", json={"items": [{"status": "online"}], "next_cursor": "p2"})
+    responses.add("GET", API + "/v1/devices", status=status, json=body)
+    result = rpc(make_server(), "tools/call", {"name": "list_devices", "arguments": {"count_by": "status"}})["result"]
+    assert result["isError"] is True
+    assert result["content"][1:] == [
+        {"type": "text", "text": "Counting stopped at page 2: 1 pages (1 items) were read before it."}]
+    said = result["content"][0]["text"]
+    assert result["content"][0]["type"] == "text" and (json.dumps(body) if status == 200 else "HTTP %d" % status) in said
+    assert '"counts"' not in said
+    assert {c.request.headers["x-kvmfleet-mcp-client"] for c in responses.calls} == {
+        "kvmfleet-mcp/%s (pytest/1.0)" % kv.__version__}
+
+
+@responses.activate
+def test_in_process_a_count_stopped_by_its_item_bound_names_the_bound_and_how_to_narrow():
+    responses.add("GET", API + "/v1/devices", json={"items": [{"status": "online"}] * 3, "next_cursor": "more"})
+    result = rpc(make_server(KVMFLEET_MCP_COUNT_MAX_ITEMS="3"), "tools/call",
+                 {"name": "list_devices", "arguments": {"count_by": "status"}})["result"]
+    assert json.loads(text_of(result)) == {
+        "counted": 3, "count_by": "status", "counts": {"online": 3}, "complete": False, "pages_read": 1,
+        "stopped_by": "KVMFLEET_MCP_COUNT_MAX_ITEMS=3",
+        "to_count_all": "narrow the filters (e.g. status, since, device_id) and count again"}
+
+
+@responses.activate
+def test_a_count_ranks_values_by_how_many_then_by_name_and_keeps_the_200_largest():
+    many = [{"v": "v%03d" % n} for n in range(199) for _ in range(2)]
+    responses.add("GET", API + "/v1/alerts/history", json={"items": [{"v": "b"}] * 3 + [{"v": "a"}] + [{"v": "c"}] * 3 + many,
+                                                   "next_cursor": None})
+    responses.add("GET", API + "/v1/alerts/history", json={"items": [{"v": "b"}] * 3 + [{"v": "c"}] * 3 + many[:-2],
+                                                   "next_cursor": None})
+    server = make_server()
+    kept = json.loads(text_of(rpc(server, "tools/call", {"name": "list_alerts", "arguments": {"count_by": "v"}})["result"]))
+    assert list(kept["counts"].items())[:3] == [("b", 3), ("c", 3), ("v000", 2)]
+    assert len(kept["counts"]) == 200 and "a" not in kept["counts"] and kept["values_not_shown"] == 2
+    exactly = json.loads(text_of(rpc(server, "tools/call", {"name": "list_alerts", "arguments": {"count_by": "v"}},
+                                     id=2)["result"]))
+    assert len(exactly["counts"]) == 200 and "values_not_shown" not in exactly
+
+
+@responses.activate
+@pytest.mark.parametrize("body", [{"data": [{"id": "d1", "name": "a"}]}, {"items": None}, ["not", "a", "page"],
+                                  {"items": [{"id": "d1", "name": "a", "site": "fra"}, "not an object", 7]}])
+def test_fields_on_a_body_that_is_not_a_page_of_objects_pass_the_rest_on_as_it_came(body):
+    responses.add("GET", API + "/v1/devices", json=body)
+    result = rpc(make_server(), "tools/call", {"name": "list_devices", "arguments": {"fields": ["name"]}})["result"]
+    kept = body if not isinstance(body, dict) or not isinstance(body.get("items"), list) else {
+        "items": [{"id": "d1", "name": "a"}, "not an object", 7]}
+    assert "isError" not in result and json.loads(text_of(result)) == kept
+
+
+def test_a_bad_field_name_is_named_by_its_place_in_the_array():
+    result = rpc(make_server(), "tools/call", {"name": "list_devices", "arguments": {"fields": ["name", "bad-name"]}})
+    assert text_of(result["result"]).startswith(
+        "Invalid arguments for list_devices at fields/1: 'bad-name' is not in the accepted form.")
+
+
+def test_arguments_are_checked_under_draft_2020_12_where_the_installed_jsonschema_has_it():
+    import jsonschema
+
+    newest = getattr(jsonschema, "Draft202012Validator", None) or jsonschema.Draft7Validator
+    assert type(kv._validator(kv.TOOLS[0])) is newest
